@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv on first use.
+PY := .venv/bin/python
+SRC := dessam_d2 tools tests setup.py
+
+.PHONY: setup demo test lint format
+
+setup:
+	@bash scripts/setup_env.sh
+
+demo: setup
+	$(PY) tools/demo.py $(ARGS)
+
+lint: setup
+	$(PY) -m black --check --quiet $(SRC)
+	$(PY) -m isort --check-only --quiet $(SRC)
+	$(PY) -m flake8 $(SRC)
+
+test: lint
+	$(PY) -m pytest -q tests $(ARGS)
+
+format: setup
+	$(PY) -m isort --quiet $(SRC)
+	$(PY) -m black --quiet $(SRC)

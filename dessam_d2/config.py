@@ -1,0 +1,69 @@
+"""Config keys of DES-SAM. Defaults are the paper's (MICCAI 2024) or, where it is silent, the
+authors' released values (see ../shared/docs/SPEC.md)."""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_dessam_config(cfg: CN) -> None:
+    """Add every DES-SAM key to a Detectron2 config, with the paper's default."""
+    _C = cfg
+
+    _C.MODEL.SAM = CN()
+    # SAM variant: "vit_b", "vit_l", "vit_h" (official shapes) or "custom" (the ENCODER_* keys).
+    _C.MODEL.SAM.VARIANT = "vit_b"
+    # Official SAM checkpoint (e.g. sam_vit_b_01ec64.pth); "" = random init (tests, demo).
+    _C.MODEL.SAM.CHECKPOINT = ""
+    # SAM input side: images are resized (longest side) and padded to this square.
+    _C.MODEL.SAM.IMAGE_SIZE = 1024
+    # ViT patch size (16 in every official SAM); the embedding is IMAGE_SIZE / PATCH_SIZE square.
+    _C.MODEL.SAM.PATCH_SIZE = 16
+    # Encoder shape used when VARIANT is "custom" (ignored for the official variants).
+    _C.MODEL.SAM.ENCODER_EMBED_DIM = 768
+    _C.MODEL.SAM.ENCODER_DEPTH = 12
+    _C.MODEL.SAM.ENCODER_NUM_HEADS = 12
+    _C.MODEL.SAM.ENCODER_GLOBAL_ATTN_INDEXES = [2, 5, 8, 11]
+    _C.MODEL.SAM.ENCODER_WINDOW_SIZE = 14
+    # Channels of the SAM embedding / prompt tokens (256 in every official SAM).
+    _C.MODEL.SAM.PROMPT_EMBED_DIM = 256
+    # Hidden width of the mask decoder's two-way transformer MLP (2048 in official SAM).
+    _C.MODEL.SAM.DECODER_MLP_DIM = 2048
+    # Freeze the image encoder (paper: frozen, eval mode, run without autograd).
+    _C.MODEL.SAM.FREEZE_ENCODER = True
+    # Freeze the prompt encoder and mask decoder (paper: frozen; only prompt tokens learn).
+    _C.MODEL.SAM.FREEZE_DECODER = True
+
+    _C.MODEL.DESSAM = CN()
+    # Number of learnable prompt tokens appended to SAM's output tokens (T~ in Eq. 3).
+    _C.MODEL.DESSAM.NUM_LEARNABLE_TOKENS = 1
+    # Boxes sent through SAM's mask decoder at once (bounds memory; outputs do not depend on it).
+    _C.MODEL.DESSAM.DECODER_CHUNK_SIZE = 40
+    # Cap on student masks per image in training (positive RoIs are subsampled); 0 = all.
+    _C.MODEL.DESSAM.MAX_TRAIN_MASKS_PER_IMAGE = 0
+    # lambda_dect, lambda_distill, lambda_pairwise of Eq. 5.
+    _C.MODEL.DESSAM.LOSS_DECT_WEIGHT = 1.0
+    _C.MODEL.DESSAM.LOSS_DISTILL_WEIGHT = 1.0
+    _C.MODEL.DESSAM.LOSS_PAIRWISE_WEIGHT = 1.0
+    # Weights of the BCE and Dice terms inside L_distill (Eq. 2: 1 and 1).
+    _C.MODEL.DESSAM.DISTILL_BCE_WEIGHT = 1.0
+    _C.MODEL.DESSAM.DISTILL_DICE_WEIGHT = 1.0
+    # alpha (local pairwise) and beta (global level-set) of Eq. 4.
+    _C.MODEL.DESSAM.LOCAL_PAIRWISE_WEIGHT = 1.0
+    _C.MODEL.DESSAM.GLOBAL_PAIRWISE_WEIGHT = 0.001
+    # Local pairwise neighbourhood: kernel size, dilation and colour-similarity threshold.
+    _C.MODEL.DESSAM.PAIRWISE_SIZE = 3
+    _C.MODEL.DESSAM.PAIRWISE_DILATION = 2
+    _C.MODEL.DESSAM.PAIRWISE_COLOR_THRESH = 0.3
+    # Side of the RoIAligned box crop on which the edge-aware loss is computed.
+    _C.MODEL.DESSAM.EDGE_CROP_SIZE = 72
+    # Weight of a BoxInst-style box-projection term on the student mask. 0 in the paper; the
+    # demo turns it on because a randomly initialised SAM teacher has nothing to distil.
+    _C.MODEL.DESSAM.BOX_PROJECTION_WEIGHT = 0.0
+    # A pixel is nucleus where the student's mask probability exceeds this.
+    _C.MODEL.DESSAM.MASK_THRESHOLD = 0.5
+
+    # Inference thresholds of SPEC.md (PatchSeg; ClusterSeg uses NMS 0.2) and the nuclei cap.
+    _C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.55
+    _C.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5
+    _C.TEST.DETECTIONS_PER_IMAGE = 120
+    # Augmentation of the training mapper: "none" (paper), "horizontal", "vertical" or "both".
+    _C.INPUT.RANDOM_FLIP = "none"

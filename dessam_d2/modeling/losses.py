@@ -1,0 +1,112 @@
+"""DES-SAM's mask losses: self-distillation (Eq. 2) and the edge-aware loss (Eq. 4).
+
+Every function takes mask *logits* (N x 1 x H x W) and returns a scalar averaged over the N
+instances, so a loss does not grow with the number of nuclei in an image.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_dice_loss(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - Dice(probs, targets) per instance, averaged. Identical binary masks -> 0."""
+    p = probs.flatten(1)
+    t = targets.flatten(1).to(p.dtype)
+    dice = (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
+    return (1 - dice).mean()
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dice loss of sigmoid(logits) against binary targets."""
+    return soft_dice_loss(logits.sigmoid(), targets)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_distill's (BCE, Dice) terms: the student against the teacher's binarised mask [Y_t > 0]."""
+    target = (teacher_logits > 0).to(student_logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(student_logits, target)
+    return bce, dice_loss(student_logits, target)
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """N x 3 x H x W sRGB in [0, 255] -> CIE L*a*b* (D65), L in [0, 100]."""
+    c = (rgb / 255.0).clamp(0, 1)
+    c = torch.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    m = c.new_tensor(
+        [
+            [0.412453, 0.357580, 0.180423],
+            [0.212671, 0.715160, 0.072169],
+            [0.019334, 0.119193, 0.950227],
+        ]
+    )
+    xyz = torch.einsum("ij,njhw->nihw", m, c)
+    xyz = xyz / c.new_tensor([0.950456, 1.0, 1.088754]).view(1, 3, 1, 1)
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    L = 116 * f[:, 1] - 16
+    a = 500 * (f[:, 0] - f[:, 1])
+    b = 200 * (f[:, 1] - f[:, 2])
+    return torch.stack([L, a, b], dim=1)
+
+
+def _neighbours(x: torch.Tensor, size: int, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel's (size^2 - 1) dilated neighbours: N x C x K x H x W, plus their validity."""
+    n, c, h, w = x.shape
+    pad = size // 2 * dilation
+    unfolded = F.unfold(x, kernel_size=size, dilation=dilation, padding=pad).view(n, c, -1, h, w)
+    inside = F.unfold(x.new_ones(1, 1, h, w), kernel_size=size, dilation=dilation, padding=pad)
+    inside = inside.view(1, 1, -1, h, w) > 0
+    centre = size * size // 2
+    keep = [k for k in range(size * size) if k != centre]
+    return unfolded[:, :, keep], inside[:, :, keep]
+
+
+def color_similarity(lab: torch.Tensor, size: int = 3, dilation: int = 2) -> torch.Tensor:
+    """s = exp(-||c_i - c_j|| * 0.5) between each pixel and its neighbours: N x K x H x W.
+
+    Neighbours outside the crop get similarity 0, so they never count as an edge.
+    """
+    neigh, inside = _neighbours(lab, size, dilation)
+    dist = (lab.unsqueeze(2) - neigh).norm(dim=1)
+    return torch.exp(-dist * 0.5) * inside[:, 0]
+
+
+def local_pairwise_loss(
+    logits: torch.Tensor, similarity: torch.Tensor, thresh: float, size: int = 3, dilation: int = 2
+) -> torch.Tensor:
+    """-log P(i and j take the same label), averaged over edges with colour similarity >= thresh.
+
+    P(same) = p_i p_j + (1 - p_i)(1 - p_j), computed in log space from the logits for stability.
+    """
+    log_fg = F.logsigmoid(logits)
+    log_bg = F.logsigmoid(-logits)
+    neigh_fg, _ = _neighbours(log_fg, size, dilation)
+    neigh_bg, _ = _neighbours(log_bg, size, dilation)
+    log_same = torch.logaddexp(log_fg.unsqueeze(2) + neigh_fg, log_bg.unsqueeze(2) + neigh_bg)
+    edges = (similarity >= thresh).to(logits.dtype)  # N x K x H x W
+    loss = -(log_same[:, 0] * edges).sum() / edges.sum().clamp_min(1.0)
+    return loss
+
+
+def levelset_energy(logits: torch.Tensor, image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Chan-Vese region energy of the soft mask against the crop's intensities (BoxLevelSet).
+
+    E = sum_x sum_c [(I_c - m_in,c)^2 p + (I_c - m_out,c)^2 (1 - p)] / (H W C), with m_in / m_out
+    the mask-weighted means inside / outside. A mask that splits a two-valued crop exactly -> 0.
+    """
+    p = logits.sigmoid()
+    inside = (image * p).sum((2, 3), keepdim=True) / (p.sum((2, 3), keepdim=True) + eps)
+    outside = (image * (1 - p)).sum((2, 3), keepdim=True) / (
+        (1 - p).sum((2, 3), keepdim=True) + eps
+    )
+    energy = (image - inside) ** 2 * p + (image - outside) ** 2 * (1 - p)
+    return energy.mean()
+
+
+def box_projection_loss(logits: torch.Tensor, box_masks: torch.Tensor) -> torch.Tensor:
+    """BoxInst's projection term: Dice of the mask's x / y max-projections against the box's."""
+    p = logits.sigmoid()
+    loss_x = soft_dice_loss(p.amax(dim=2), box_masks.amax(dim=2))
+    loss_y = soft_dice_loss(p.amax(dim=3), box_masks.amax(dim=3))
+    return loss_x + loss_y

@@ -1,0 +1,188 @@
+"""The DES-SAM meta-architecture: SAM encoder -> SimpleFeaturePyramid -> RPN -> box head ->
+SAM prompt mask head (Fig. 2 of the paper)."""
+
+import logging
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import CfgNode, configurable
+from detectron2.modeling import (
+    META_ARCH_REGISTRY,
+    Backbone,
+    build_backbone,
+    build_proposal_generator,
+    build_roi_heads,
+)
+from detectron2.structures import ImageList, Instances
+from torch import nn
+
+from .checkpoint import load_sam_checkpoint
+from .prompt_mask_head import count_parameters
+
+logger = logging.getLogger(__name__)
+
+# Loss terms of L_dect (Eq. 1, plus the RPN's), scaled by lambda_dect.
+DETECTION_LOSSES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg")
+
+
+@META_ARCH_REGISTRY.register()
+class DESSAM(nn.Module):
+    """Box-supervised nucleus instance segmentation on a frozen SAM.
+
+    Inputs follow Detectron2: a list of dicts with "image" (3 x h x w RGB uint8, longest side
+    resized to ``image_size`` by the mapper), "height"/"width" (original size) and, in training,
+    "instances" with ``gt_boxes`` only. Outputs: [{"instances": Instances}] with ``pred_boxes``,
+    ``scores``, ``pred_classes`` and ``pred_masks`` (bool, original size).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        proposal_generator: nn.Module,
+        roi_heads: nn.Module,
+        pixel_mean: List[float],
+        pixel_std: List[float],
+        image_size: int,
+        loss_dect_weight: float = 1.0,
+        mask_threshold: float = 0.5,
+        sam_checkpoint: str = "",
+        sam_variant: str = "",
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.roi_heads = roi_heads
+        self.image_size = image_size
+        self.loss_dect_weight = loss_dect_weight
+        self.mask_logit_threshold = float(torch.logit(torch.tensor(mask_threshold)))
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        if sam_checkpoint:
+            load_sam_checkpoint(self.sam_parts(), sam_checkpoint, sam_variant)
+        trainable, frozen = count_parameters(self)
+        logger.info(
+            f"DESSAM parameters: {trainable / 1e6:.2f}M trainable, {frozen / 1e6:.2f}M frozen"
+        )
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode):
+        backbone = build_backbone(cfg)
+        return {
+            "backbone": backbone,
+            "proposal_generator": build_proposal_generator(cfg, backbone.output_shape()),
+            "roi_heads": build_roi_heads(cfg, backbone.output_shape()),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "image_size": cfg.MODEL.SAM.IMAGE_SIZE,
+            "loss_dect_weight": cfg.MODEL.DESSAM.LOSS_DECT_WEIGHT,
+            "mask_threshold": cfg.MODEL.DESSAM.MASK_THRESHOLD,
+            "sam_checkpoint": cfg.MODEL.SAM.CHECKPOINT,
+            "sam_variant": cfg.MODEL.SAM.VARIANT,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def image_encoder(self) -> nn.Module:
+        """The SAM encoder Backbone inside the SimpleFeaturePyramid."""
+        return self.backbone.net
+
+    @property
+    def mask_head(self) -> nn.Module:
+        return self.roi_heads.mask_head
+
+    def sam_parts(self) -> Dict[str, nn.Module]:
+        """The modules an official SAM checkpoint fills, under its own prefixes."""
+        return {
+            "image_encoder": self.image_encoder.encoder,
+            "prompt_encoder": self.mask_head.prompt_encoder,
+            "mask_decoder": self.mask_head.mask_decoder,
+        }
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> tuple[ImageList, torch.Tensor]:
+        """SAM's normalisation and bottom/right zero padding to image_size x image_size.
+
+        Returns the normalised ImageList and the padded raw RGB (for the colour losses).
+        """
+        raw = []
+        for x in batched_inputs:
+            img = x["image"].to(self.device)
+            if img.dim() != 3 or img.shape[0] != 3 or max(img.shape[-2:]) > self.image_size:
+                raise ValueError(
+                    f"{x.get('file_name', 'input')}: expected a 3 x h x w image with longest side "
+                    f"<= {self.image_size}, got {tuple(img.shape)}; use DESSAMDatasetMapper"
+                )
+            raw.append(img.float())
+        square = {"square_size": self.image_size}
+        normalized = [(r - self.pixel_mean) / self.pixel_std for r in raw]
+        images = ImageList.from_tensors(normalized, padding_constraints=square)
+        raw_padded = ImageList.from_tensors(raw, padding_constraints=square).tensor
+        return images, raw_padded
+
+    def image_embeddings(self, images: ImageList, batched_inputs: List[Dict]) -> torch.Tensor:
+        """B x 256 x S/16 x S/16 SAM embeddings of the padded, normalised images."""
+        return self.image_encoder.encode(images.tensor)
+
+    def forward(self, batched_inputs: List[Dict]):
+        if not self.training:
+            return self.inference(batched_inputs)
+        images, raw = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        embeddings = self.image_embeddings(images, batched_inputs)
+        features = self.backbone(embeddings)
+        features.update(sam_embed=embeddings, image=raw)
+        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        losses = {**proposal_losses, **detector_losses}
+        for k in DETECTION_LOSSES:
+            losses[k] = losses[k] * self.loss_dect_weight
+        return losses
+
+    @torch.no_grad()
+    def inference(
+        self, batched_inputs: List[Dict], detected: Optional[List[Instances]] = None
+    ) -> List[Dict[str, Instances]]:
+        """Detect and segment; with ``detected`` (pred_boxes in the resized frame), only segment."""
+        images, _ = self.preprocess_image(batched_inputs)
+        embeddings = self.image_embeddings(images, batched_inputs)
+        features = {"sam_embed": embeddings, "image": None}
+        if detected is None:
+            features.update(self.backbone(embeddings))
+            proposals, _ = self.proposal_generator(images, features, None)
+            results, _ = self.roi_heads(images, features, proposals, None)
+        else:
+            results = self.roi_heads.forward_with_given_boxes(features, detected)
+        return [
+            {"instances": self.postprocess(r, x, size)}
+            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+        ]
+
+    def postprocess(self, results: Instances, batched_input: Dict, input_size) -> Instances:
+        """Boxes and masks from the resized, padded frame back to the original image size."""
+        height = batched_input.get("height", input_size[0])
+        width = batched_input.get("width", input_size[1])
+        h, w = input_size
+        out = Instances((height, width))
+        boxes = results.pred_boxes.clone()
+        boxes.scale(width / w, height / h)
+        boxes.clip((height, width))
+        out.pred_boxes = boxes
+        out.scores = results.scores
+        out.pred_classes = results.pred_classes
+        logits = results.pred_mask_logits
+        masks = []
+        for chunk in logits.split(16):  # bounded memory for images with hundreds of nuclei
+            up = F.interpolate(chunk, (self.image_size,) * 2, mode="bilinear", align_corners=False)
+            up = F.interpolate(
+                up[..., :h, :w], (height, width), mode="bilinear", align_corners=False
+            )
+            masks.append(up[:, 0] > self.mask_logit_threshold)
+        out.pred_masks = (
+            torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool)
+        )
+        return out
