@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny DES-SAM shapes (encoder depth 2, width 64, 256 px) that train in seconds."""
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.structures import Boxes, Instances
+
+from dessam_d2 import add_dessam_config
+
+BASE_CONFIG = "configs/Base-DESSAM.yaml"
+
+
+def tiny_cfg(**overrides):
+    cfg = get_cfg()
+    add_dessam_config(cfg)
+    cfg.merge_from_file(BASE_CONFIG)
+    cfg.merge_from_list(
+        [
+            "MODEL.SAM.VARIANT", "custom",
+            "MODEL.SAM.IMAGE_SIZE", 256,
+            "MODEL.SAM.ENCODER_EMBED_DIM", 64,
+            "MODEL.SAM.ENCODER_DEPTH", 2,
+            "MODEL.SAM.ENCODER_NUM_HEADS", 2,
+            "MODEL.SAM.ENCODER_GLOBAL_ATTN_INDEXES", [1],
+            "MODEL.SAM.ENCODER_WINDOW_SIZE", 4,
+            "MODEL.SAM.DECODER_MLP_DIM", 256,
+            "MODEL.FPN.OUT_CHANNELS", 64,
+            "MODEL.ROI_BOX_HEAD.CONV_DIM", 64,
+            "MODEL.ROI_BOX_HEAD.FC_DIM", 128,
+            "MODEL.ANCHOR_GENERATOR.SIZES", [[8], [16], [32], [64]],
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN", 200,
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
+        ]  # fmt: skip
+    )
+    for k, v in overrides.items():
+        cfg.merge_from_list([k, v])
+    return cfg
+
+
+def make_instances(boxes, image_size):
+    inst = Instances(image_size)
+    inst.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32))
+    inst.gt_classes = torch.zeros(len(boxes), dtype=torch.int64)
+    return inst
+
+
+def synthetic_input(seed=0, size=(256, 200), boxes=((20, 30, 60, 70), (100, 120, 140, 150))):
+    """An image with dark disc nuclei inside the given boxes, as the mapper would hand it over."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    img = 200 + 20 * torch.rand(3, h, w, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    for x0, y0, x1, y1 in boxes:
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+        inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+        img[:, inside] = torch.tensor([80.0, 40.0, 120.0])[:, None]
+    return {
+        "image": img.to(torch.uint8),
+        "height": h,
+        "width": w,
+        "file_name": f"synthetic_{seed}.png",
+        "image_id": seed,
+        "instances": make_instances([list(b) for b in boxes], (h, w)),
+    }
+
+
+@pytest.fixture
+def cfg():
+    return tiny_cfg()

@@ -1,0 +1,190 @@
+"""DESSAM end to end on tiny shapes: losses, what trains, teacher/student prompts, inference."""
+
+import copy
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks
+from detectron2.utils.events import EventStorage
+
+from dessam_d2.modeling.meta_arch import DESSAM
+
+EXPECTED_LOSSES = {
+    "loss_rpn_cls",
+    "loss_rpn_loc",
+    "loss_cls",
+    "loss_box_reg",
+    "loss_distill_bce",
+    "loss_distill_dice",
+    "loss_local_pairwise",
+    "loss_global_levelset",
+}
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    model.train()
+    return model
+
+
+def train_losses(model, inputs, seed=0):
+    torch.manual_seed(seed)
+    with EventStorage():
+        return model(inputs)
+
+
+def test_is_a_registered_meta_architecture(cfg):
+    assert isinstance(build(cfg), DESSAM)
+
+
+def test_one_step_gives_finite_named_losses_for_every_term(cfg):
+    from conftest import synthetic_input
+
+    losses = train_losses(build(cfg), [synthetic_input(0), synthetic_input(1)])
+    assert set(losses) == EXPECTED_LOSSES
+    for name, value in losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+    assert losses["loss_distill_bce"].item() > 0 and losses["loss_local_pairwise"].item() > 0
+
+
+def test_box_projection_term_appears_only_when_weighted(cfg):
+    from conftest import synthetic_input
+
+    cfg.MODEL.DESSAM.BOX_PROJECTION_WEIGHT = 1.0
+    losses = train_losses(build(cfg), [synthetic_input(0)])
+    assert set(losses) == EXPECTED_LOSSES | {"loss_box_proj"}
+
+
+def test_frozen_parameters_stay_bit_identical_and_trainable_ones_move(cfg):
+    from conftest import synthetic_input
+
+    model = build(cfg)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    for step in range(3):
+        losses = train_losses(model, [synthetic_input(step)], seed=step)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    frozen = set(before) - trainable
+    # Exactly the paper's trainable set: SimpleFeaturePyramid, RPN, box head, prompt tokens.
+    assert all(
+        k.startswith(("backbone.simfp_", "proposal_generator.", "roi_heads.box_"))
+        or k == "roi_heads.mask_head.learnable_tokens"
+        for k in trainable
+    )
+    assert all(
+        k.startswith(("backbone.net.encoder.", "roi_heads.mask_head.prompt_encoder."))
+        or k.startswith("roi_heads.mask_head.mask_decoder.")
+        for k in frozen
+    )
+    params = dict(model.named_parameters())
+    for k in frozen:
+        assert torch.equal(params[k], before[k]), k
+    unmoved = [k for k in trainable if torch.equal(params[k], before[k])]
+    assert unmoved == []
+
+
+def test_teacher_gets_gt_boxes_without_grad_and_student_the_predicted_boxes(cfg, monkeypatch):
+    from conftest import synthetic_input
+
+    model = build(cfg)
+    head = model.roi_heads.mask_head
+    calls, seen = [], {}
+    real_decode = head.decode
+
+    def spy(embedding, boxes, student):
+        calls.append((student, boxes.detach().clone(), torch.is_grad_enabled()))
+        return real_decode(embedding, boxes, student)
+
+    def capture(module, args):
+        seen["instances"] = [copy.deepcopy(i) for i in args[1]]
+
+    monkeypatch.setattr(head, "decode", spy)
+    head.register_forward_pre_hook(capture)
+    inp = synthetic_input(0)
+    train_losses(model, [inp])
+    (t_student, t_boxes, t_grad), (s_student, s_boxes, s_grad) = calls
+    gt = inp["instances"].gt_boxes.tensor
+    assert not t_student and not t_grad
+    assert sorted(map(tuple, t_boxes.tolist())) == sorted(map(tuple, gt.tolist()))
+    assert s_student and s_grad
+    inst = seen["instances"][0]
+    assert len(s_boxes) == len(inst) > 0
+    assert torch.allclose(s_boxes, inst.proposal_boxes.tensor.clamp(0, 256))
+    # The student's prompts are the box head's predictions, not the ground truth they match.
+    assert not torch.equal(s_boxes, inst.gt_boxes.tensor)
+    assert model.roi_heads.train_on_pred_boxes
+
+
+def test_learnable_tokens_get_gradient_only_through_the_student(cfg):
+    from conftest import synthetic_input
+
+    model = build(cfg)
+    head = model.roi_heads.mask_head
+    losses = train_losses(model, [synthetic_input(0)])
+    losses["loss_distill_bce"].backward()
+    assert head.learnable_tokens.grad.abs().sum() > 0
+    emb = torch.randn(1, 256, 16, 16)
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0]])
+    with torch.no_grad():
+        teacher = head.decode(emb, boxes, student=False)
+        student = head.decode(emb, boxes, student=True)
+        head.learnable_tokens.add_(1.0)
+        assert torch.equal(head.decode(emb, boxes, student=False), teacher)
+        assert not torch.allclose(head.decode(emb, boxes, student=True), student)
+
+
+def test_training_never_reads_gt_masks(cfg):
+    """The losses are identical with GT masks absent, present, or changed."""
+    from conftest import synthetic_input
+
+    model = build(cfg)
+    base = train_losses(model, [synthetic_input(0)], seed=5)
+    for fill in (True, False):
+        inp = synthetic_input(0)
+        masks = torch.full((2, 256, 200), fill, dtype=torch.bool)
+        inp["instances"].gt_masks = BitMasks(masks)
+        other = train_losses(model, [inp], seed=5)
+        assert {k: v.item() for k, v in other.items()} == {k: v.item() for k, v in base.items()}
+
+
+def test_inference_returns_masks_of_the_original_size_one_per_kept_box(cfg):
+    from conftest import synthetic_input
+
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    model = build(cfg).eval()
+    for (h, w), (oh, ow) in [
+        ((256, 200), (300, 234)),
+        ((40, 256), (50, 321)),
+        ((256, 256), (7, 7)),
+    ]:
+        inp = synthetic_input(0, size=(h, w), boxes=((2, 2, 30, 30),))
+        inp.update(height=oh, width=ow)
+        del inp["instances"]
+        inst = model([inp])[0]["instances"]
+        assert inst.image_size == (oh, ow)
+        assert len(inst) > 0
+        assert inst.pred_masks.shape == (len(inst), oh, ow) and inst.pred_masks.dtype == torch.bool
+        assert len(inst.pred_boxes) == len(inst.scores) == len(inst.pred_classes) == len(inst)
+        assert inst.pred_boxes.tensor[:, 2].max() <= ow and inst.pred_boxes.tensor[:, 3].max() <= oh
+
+
+def test_inference_caps_detections_per_image(cfg):
+    from conftest import synthetic_input
+
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.TEST.DETECTIONS_PER_IMAGE = 3
+    inp = synthetic_input(0)
+    del inp["instances"]
+    assert len(build(cfg).eval()([inp])[0]["instances"]) == 3
+
+
+def test_an_oversized_input_is_a_clear_error(cfg):
+    model = build(cfg).eval()
+    with pytest.raises(ValueError, match="longest side <= 256"):
+        model([{"image": torch.zeros(3, 300, 10, dtype=torch.uint8), "file_name": "x.png"}])
