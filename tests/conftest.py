@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny DES-SAM shapes (encoder depth 2, width 64, 256 px) that train in seconds."""
+"""Shared fixtures: tiny DES-SAM shapes (encoder depth 2, width 64, 256 px), seconds a step."""
 
 import pytest
 import torch

@@ -28,8 +28,8 @@ def read_sam_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The state dict of an official SAM checkpoint, with a clear error for a bad file."""
     if not os.path.isfile(path):
         raise SAMCheckpointError(
-            f"SAM checkpoint {path} does not exist: download sam_vit_b_01ec64.pth (or the l/h file) "
-            "and set MODEL.SAM.CHECKPOINT to its path"
+            f"SAM checkpoint {path} does not exist: download sam_vit_b_01ec64.pth (or the l/h "
+            "file) and set MODEL.SAM.CHECKPOINT to its path"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
