@@ -2,7 +2,7 @@
 SAM prompt mask head (Fig. 2 of the paper)."""
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from detectron2.modeling import (
     build_proposal_generator,
     build_roi_heads,
 )
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from .checkpoint import load_sam_checkpoint
@@ -144,23 +144,40 @@ class DESSAM(nn.Module):
         return losses
 
     @torch.no_grad()
-    def inference(
-        self, batched_inputs: List[Dict], detected: Optional[List[Instances]] = None
-    ) -> List[Dict[str, Instances]]:
-        """Detect and segment; with ``detected`` (pred_boxes in the resized frame), only segment."""
+    def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
+        """Detect nuclei, then segment each with the student decoder."""
         images, _ = self.preprocess_image(batched_inputs)
         embeddings = self.image_embeddings(images, batched_inputs)
-        features = {"sam_embed": embeddings, "image": None}
-        if detected is None:
-            features.update(self.backbone(embeddings))
-            proposals, _ = self.proposal_generator(images, features, None)
-            results, _ = self.roi_heads(images, features, proposals, None)
-        else:
-            results = self.roi_heads.forward_with_given_boxes(features, detected)
+        features = self.backbone(embeddings)
+        features.update(sam_embed=embeddings, image=None)
+        proposals, _ = self.proposal_generator(images, features, None)
+        results, _ = self.roi_heads(images, features, proposals, None)
         return [
             {"instances": self.postprocess(r, x, size)}
             for r, x, size in zip(results, batched_inputs, images.image_sizes)
         ]
+
+    @torch.no_grad()
+    def segment_boxes(
+        self, batched_inputs: List[Dict], boxes: List[torch.Tensor], student: bool = True
+    ) -> List[Dict[str, Instances]]:
+        """Masks for given boxes (XYXY in each input's resized frame), skipping detection.
+
+        ``student=False`` prompts SAM as the teacher does (its own output tokens only): what an
+        annotation team uses to turn cheap boxes into outlines.
+        """
+        images, _ = self.preprocess_image(batched_inputs)
+        embeddings = self.image_embeddings(images, batched_inputs)
+        outputs = []
+        for emb, b, x, size in zip(embeddings, boxes, batched_inputs, images.image_sizes):
+            b = b.to(self.device, torch.float32).reshape(-1, 4)
+            r = Instances(size)
+            r.pred_boxes = Boxes(b)
+            r.scores = torch.ones(len(b), device=self.device)
+            r.pred_classes = torch.zeros(len(b), dtype=torch.int64, device=self.device)
+            r.pred_mask_logits = self.mask_head.decode(emb[None], b, student=student)
+            outputs.append({"instances": self.postprocess(r, x, size)})
+        return outputs
 
     def postprocess(self, results: Instances, batched_input: Dict, input_size) -> Instances:
         """Boxes and masks from the resized, padded frame back to the original image size."""
