@@ -1,0 +1,265 @@
+"""Every nuclei data set registered by name, lazily, plus the COCO-file helpers of the converters.
+
+Importing this module registers all names of ``BUILTIN_DATASETS`` under the root
+``$DETECTRON2_DATASETS`` (default ``datasets``), read once at import. Nothing is read from disk
+until ``DatasetCatalog.get(name)`` is called; a missing JSON then fails with the converter
+command to run. The layout is described in ``datasets/README.md``.
+"""
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+from tabulate import tabulate
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "NUCLEUS_CLASSES",
+    "DatasetNotFoundError",
+    "DatasetFormatError",
+    "EmptyDatasetError",
+    "ConversionReport",
+    "SubsetReport",
+    "default_dataset_root",
+    "load_nuclei_coco",
+    "register_nuclei_coco",
+    "register_all_nuclei_datasets",
+    "nucleus_categories",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "copy_or_link",
+]
+
+NUCLEUS_CLASSES = ["nucleus"]
+EVALUATOR_TYPE = "nuclei"
+
+_CNSEG = "python tools/convert_cnseg.py --input <CNSeg root> --output {root}/cnseg"
+_ISBI = "python tools/convert_isbi2014.py --input <dir of .mat files> --output {root}/isbi2014"
+_SYNTH = "python tools/make_synthetic.py --output {root}/synthetic_cytology (or `make demo`)"
+
+# name -> (json file, image root, command that creates them), paths relative to the root
+BUILTIN_DATASETS: Dict[str, Tuple[str, str, str]] = {
+    "cnseg_patchseg_train": ("cnseg/patchseg/annotations/train.json", "cnseg/patchseg", _CNSEG),
+    "cnseg_patchseg_test": ("cnseg/patchseg/annotations/test.json", "cnseg/patchseg", _CNSEG),
+    **{
+        f"cnseg_clusterseg_{split}": (
+            f"cnseg/clusterseg/annotations/{split}.json",
+            "cnseg/clusterseg",
+            _CNSEG,
+        )
+        for split in ("train", "test")
+    },
+    **{
+        f"cnseg_clusterseg_{part}_test": (
+            f"cnseg/clusterseg/annotations/test-{part}.json",
+            "cnseg/clusterseg",
+            _CNSEG,
+        )
+        for part in ("sample", "normal", "difficult")
+    },
+    **{
+        f"cnseg_domainseg_{target}_test": (
+            f"cnseg/domainseg/annotations/{target}.json",
+            "cnseg/domainseg",
+            _CNSEG,
+        )
+        for target in ("targeta", "targetb")
+    },
+    "isbi2014_train": ("isbi2014/annotations/train.json", "isbi2014", _ISBI),
+    "isbi2014_test": ("isbi2014/annotations/test.json", "isbi2014", _ISBI),
+    **{
+        f"dessam_synthetic_{split}": (
+            f"synthetic_cytology/{split}/annotations.json",
+            f"synthetic_cytology/{split}/images",
+            _SYNTH,
+        )
+        for split in ("train", "test")
+    },
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A registered data set's annotation file does not exist (yet)."""
+
+
+class DatasetFormatError(ValueError):
+    """An annotation file is not a readable COCO instances JSON."""
+
+
+class EmptyDatasetError(ValueError):
+    """An annotation file lists no images."""
+
+
+def default_dataset_root() -> str:
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def load_nuclei_coco(name: str, json_file: str, image_root: str, how_to_create: str = "") -> List:
+    """``load_coco_json`` with one-line errors for a missing, broken or empty file."""
+    if not os.path.isfile(json_file):
+        hint = f"create it with `{how_to_create}`" if how_to_create else "check the path"
+        raise DatasetNotFoundError(
+            f"data set '{name}': {json_file} not found; {hint} (see datasets/README.md)"
+        )
+    try:
+        dicts = load_coco_json(json_file, image_root, name)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DatasetFormatError(
+            f"data set '{name}': {json_file} is not a valid COCO instances file ({reason}); "
+            "re-run the converter that wrote it"
+        ) from e
+    if not dicts:
+        raise EmptyDatasetError(
+            f"data set '{name}': {json_file} lists no images; re-run the converter on a "
+            "folder that holds images and labels"
+        )
+    return dicts
+
+
+def register_nuclei_coco(
+    name: str, json_file: str, image_root: str, *, how_to_create: str = ""
+) -> None:
+    """Register a single-class ("nucleus") COCO file by name; registering a name again replaces
+    it, so re-running a notebook cell or re-importing never raises."""
+    for catalog in (DatasetCatalog, MetadataCatalog):
+        if name in catalog:
+            catalog.remove(name)
+    DatasetCatalog.register(
+        name, functools.partial(load_nuclei_coco, name, json_file, image_root, how_to_create)
+    )
+    MetadataCatalog.get(name).set(
+        thing_classes=list(NUCLEUS_CLASSES),
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type=EVALUATOR_TYPE,
+    )
+
+
+def register_all_nuclei_datasets(root: Optional[str] = None, *, overwrite: bool = False) -> None:
+    """Register every name of ``BUILTIN_DATASETS`` under ``root`` (default: the env root).
+
+    Names already registered are left alone unless ``overwrite`` (e.g. to point them elsewhere).
+    """
+    root = root if root is not None else default_dataset_root()
+    for name, (json_rel, image_rel, command) in BUILTIN_DATASETS.items():
+        if name in DatasetCatalog and not overwrite:
+            continue
+        register_nuclei_coco(
+            name,
+            os.path.join(root, json_rel),
+            os.path.join(root, image_rel),
+            how_to_create=command.format(root=root),
+        )
+
+
+# ---------------------------------------------------------------- helpers of the converters
+
+
+def nucleus_categories() -> List[Dict]:
+    return [{"id": 1, "name": "nucleus", "supercategory": "nucleus"}]
+
+
+def _temp_path(path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    os.close(fd)
+    return tmp
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename: never a half-written file."""
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj: Dict) -> None:
+    # compact separators: CNSeg's polygons make indented files several times larger
+    atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+
+
+def copy_or_link(src: str, dst: str, link: bool = False) -> bool:
+    """Copy ``src`` to ``dst`` atomically, or hard-link it when ``link`` and the file system allows
+    (returns True if linked; a cross-device link falls back to a copy)."""
+    tmp = _temp_path(dst)
+    try:
+        linked = False
+        if link:
+            os.remove(tmp)
+            try:
+                os.link(src, tmp)
+                linked = True
+            except OSError:
+                pass
+        if not linked:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        return linked
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@dataclass
+class SubsetReport:
+    """What a converter did with one subset: kept images and nuclei, skips counted by reason
+    (whole images, and single nuclei of kept images), and notes (changes that kept the item,
+    e.g. a polygon clipped to the image)."""
+
+    name: str
+    images: int = 0
+    nuclei: int = 0
+    skipped_images: Counter = field(default_factory=Counter)
+    skipped_nuclei: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class ConversionReport:
+    subsets: List[SubsetReport] = field(default_factory=list)
+    json_files: List[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """A summary row per subset (and a total), then one row per (subset, skip reason)."""
+        notes = sorted({r for s in self.subsets for r, n in s.notes.items() if n})
+
+        def row(name: str, subsets: List[SubsetReport]) -> List:
+            counts = [s.images for s in subsets], [s.nuclei for s in subsets]
+            skips = [sum(s.skipped_images.values()) for s in subsets]
+            skips_n = [sum(s.skipped_nuclei.values()) for s in subsets]
+            cells = [sum(c) for c in (*counts, skips, skips_n)]
+            return [name] + cells + [sum(s.notes[r] for s in subsets) for r in notes]
+
+        rows = [row(s.name, [s]) for s in self.subsets] + [row("total", self.subsets)]
+        headers = ["subset", "images", "nuclei", "images skipped", "nuclei skipped"] + notes
+        text = tabulate(rows, headers=headers, tablefmt="pipe")
+        reasons = [
+            [s.name, kind, reason, n]
+            for s in self.subsets
+            for kind, counter in (("image", s.skipped_images), ("nucleus", s.skipped_nuclei))
+            for reason, n in sorted(counter.items())
+            if n
+        ]
+        if reasons:
+            headers = ["subset", "skipped", "reason", "count"]
+            text += "\n\n" + tabulate(reasons, headers=headers, tablefmt="pipe")
+        return text
+
+
+register_all_nuclei_datasets()

@@ -1,0 +1,128 @@
+"""Dataset dict → model input: SAM's longest-side resize, optional flips, boxes only.
+
+The one place where images are resized for SAM. The model pads to ``image_size`` x ``image_size``
+and normalises; the mapper never pads. Masks never reach the model in training: the mapper does
+not even decode them, and the "annotations" key is removed in both modes (evaluators read the
+ground truth from the registered data set).
+"""
+
+import copy
+import logging
+from typing import Dict, List
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import Boxes, BoxMode, Instances
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from .image_io import read_image_rgb
+
+__all__ = ["DESSAMDatasetMapper"]
+
+logger = logging.getLogger(__name__)
+
+_FLIPS = {
+    "none": [],
+    "horizontal": [T.RandomFlip(prob=0.5, horizontal=True, vertical=False)],
+    "vertical": [T.RandomFlip(prob=0.5, horizontal=False, vertical=True)],
+    "both": [
+        T.RandomFlip(prob=0.5, horizontal=True, vertical=False),
+        T.RandomFlip(prob=0.5, horizontal=False, vertical=True),
+    ],
+}
+_FLIP_NAMES = {T.HFlipTransform: "hflip", T.VFlipTransform: "vflip"}
+_FORMATS = ("RGB", "BGR")
+
+
+class DESSAMDatasetMapper:
+    """Map a Detectron2 dataset dict to what ``DESSAM`` consumes.
+
+    Returns "file_name", "image_id", "height", "width" (original size), "image" (uint8, 3 x h x w,
+    longest side = ``image_size``), "sam_transform" (e.g. "longest1024+hflip", the key of the
+    model's embedding cache) and, in training only, "instances" with ``gt_boxes`` (XYXY, resized
+    frame) and ``gt_classes`` (zeros).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        image_size: int = 1024,
+        image_format: str = "RGB",
+        random_flip: str = "none",
+    ):
+        if image_format not in _FORMATS:
+            raise ValueError(f"image_format must be one of {_FORMATS}, got '{image_format}'")
+        if random_flip not in _FLIPS:
+            raise ValueError(f"random_flip must be one of {sorted(_FLIPS)}, got '{random_flip}'")
+        if image_format != "RGB":
+            logger.warning("image_format is %s: SAM was trained on RGB images", image_format)
+        self.is_train = is_train
+        self.image_size = int(image_size)
+        self.image_format = image_format
+        self.random_flip = random_flip
+        # flips are augmentation: training only
+        self.augmentations = T.AugmentationList(list(_FLIPS[random_flip]) if is_train else [])
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> Dict:
+        return {
+            "is_train": is_train,
+            "image_size": cfg.MODEL.SAM.IMAGE_SIZE,
+            "image_format": cfg.INPUT.FORMAT,
+            "random_flip": cfg.INPUT.RANDOM_FLIP,
+        }
+
+    def _boxes(self, annotations: List[Dict]) -> np.ndarray:
+        """N x 4 XYXY_ABS boxes of the non-crowd annotations (segmentation is never touched)."""
+        boxes = [
+            BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
+            for a in annotations
+            if a.get("iscrowd", 0) == 0
+        ]
+        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        # copy everything except the annotations: masks must not even be copied in training
+        out = {k: copy.deepcopy(v) for k, v in dataset_dict.items() if k != "annotations"}
+        image = read_image_rgb(out["file_name"])
+        utils.check_image_size(out, image)
+        height, width = image.shape[:2]
+        new_h, new_w = ResizeLongestSide.get_preprocess_shape(height, width, self.image_size)
+        boxes = self._boxes(dataset_dict.get("annotations", [])) if self.is_train else None
+
+        aug_input = T.AugInput(image, boxes=boxes)
+        aug_input.transform(T.ResizeTransform(height, width, new_h, new_w))
+        flips = self.augmentations(aug_input).transforms  # NoOpTransform when not flipped
+        names = [f"longest{self.image_size}"] + [_FLIP_NAMES.get(type(t), "") for t in flips]
+        out["sam_transform"] = "+".join(n for n in names if n)
+
+        image = aug_input.image
+        if self.image_format == "BGR":
+            image = image[:, :, ::-1]
+        out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if self.is_train:
+            out["instances"] = self._instances(aug_input.boxes, (new_h, new_w), out["file_name"])
+        return out
+
+    @staticmethod
+    def _instances(boxes: np.ndarray, image_size, file_name: str) -> Instances:
+        h, w = image_size
+        boxes = boxes.copy()
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        valid = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+        if not valid.all():
+            logger.warning(
+                "%s: dropped %d box(es) smaller than 1 px after clipping to the image",
+                file_name,
+                int((~valid).sum()),
+            )
+        instances = Instances((h, w))
+        instances.gt_boxes = Boxes(torch.as_tensor(boxes[valid], dtype=torch.float32))
+        instances.gt_classes = torch.zeros(int(valid.sum()), dtype=torch.int64)
+        return instances

@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Convert CNSeg (labelme polygons + jpg) to COCO JSON; see datasets/README.md.
+
+python tools/convert_cnseg.py --input /data/CNSeg --output datasets/cnseg [--link]
+"""
+
+import argparse
+import logging
+import sys
+
+from dessam_d2.data.cnseg import CNSegLayoutError, convert_cnseg
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="CNSeg root (any folder above the subsets)")
+    parser.add_argument("--output", required=True, help="output folder, e.g. datasets/cnseg")
+    parser.add_argument("--link", action="store_true", help="hard-link images instead of copying")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        report = convert_cnseg(
+            args.input, args.output, link=args.link, progress=not args.no_progress
+        )
+    except (CNSegLayoutError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.table())
+    print("\n".join(["written:"] + report.json_files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
