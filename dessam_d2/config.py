@@ -60,6 +60,16 @@ def add_dessam_config(cfg: CN) -> None:
     _C.MODEL.DESSAM.BOX_PROJECTION_WEIGHT = 0.0
     # A pixel is nucleus where the student's mask probability exceeds this.
     _C.MODEL.DESSAM.MASK_THRESHOLD = 0.5
+    # On-disk cache of the frozen encoder's embeddings; "" = off (the paper encodes every time).
+    _C.MODEL.DESSAM.EMBEDDING_CACHE_DIR = ""
+    # Storage dtype of cached embeddings: "float16" (half the disk; effect in README) or "float32".
+    _C.MODEL.DESSAM.EMBEDDING_CACHE_DTYPE = "float16"
+    # Size cap of the cache directory in GB; least recently used entries are evicted above it.
+    _C.MODEL.DESSAM.EMBEDDING_CACHE_MAX_GB = 20.0
+    # Decode box prompts with the image-side work shared (same outputs as SAM's MaskDecoder).
+    _C.MODEL.DESSAM.FAST_DECODER = True
+    # Inference-only decoder precision: "float32" (paper) or "bfloat16" (faster on AVX512-BF16).
+    _C.MODEL.DESSAM.DECODER_INFERENCE_DTYPE = "float32"
 
     # Inference thresholds of SPEC.md (PatchSeg; ClusterSeg uses NMS 0.2) and the nuclei cap.
     _C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.55
@@ -67,3 +77,11 @@ def add_dessam_config(cfg: CN) -> None:
     _C.TEST.DETECTIONS_PER_IMAGE = 120
     # Augmentation of the training mapper: "none" (paper), "horizontal", "vertical" or "both".
     _C.INPUT.RANDOM_FLIP = "none"
+
+    # Schedule in epochs as the paper states it (50 epochs, lr x0.1 at 30 and 36), converted to
+    # iterations from the training set's size by dessam_d2.engine.setup; 0 = use MAX_ITER/STEPS.
+    _C.SOLVER.EPOCHS = 0
+    _C.SOLVER.STEP_EPOCHS = [30, 36]
+    # With EPOCHS > 0: checkpoint every N epochs, evaluate every N epochs (0 = only at the end).
+    _C.SOLVER.CHECKPOINT_EPOCHS = 5
+    _C.TEST.EVAL_EPOCHS = 0

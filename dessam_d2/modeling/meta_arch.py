@@ -2,7 +2,8 @@
 SAM prompt mask head (Fig. 2 of the paper)."""
 
 import logging
-from typing import Dict, List
+import time
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from .checkpoint import load_sam_checkpoint
+from .embedding_cache import EmbeddingCache, module_fingerprint, weights_state
 from .prompt_mask_head import count_parameters
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ class DESSAM(nn.Module):
         mask_threshold: float = 0.5,
         sam_checkpoint: str = "",
         sam_variant: str = "",
+        embedding_cache_dir: str = "",
+        embedding_cache_dtype: str = "float16",
+        embedding_cache_max_gb: float = 20.0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -62,6 +67,17 @@ class DESSAM(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         if sam_checkpoint:
             load_sam_checkpoint(self.sam_parts(), sam_checkpoint, sam_variant)
+        self.embedding_cache: Optional[EmbeddingCache] = None
+        if embedding_cache_dir and not self.image_encoder.frozen:
+            logger.warning(
+                "MODEL.DESSAM.EMBEDDING_CACHE_DIR is ignored: the SAM encoder is trained "
+                "(MODEL.SAM.FREEZE_ENCODER False), so its embeddings change every step"
+            )
+        elif embedding_cache_dir:
+            self.embedding_cache = EmbeddingCache(
+                embedding_cache_dir, embedding_cache_dtype, embedding_cache_max_gb
+            )
+        self._fingerprint, self._fingerprint_state, self._cache_logged = "", None, time.time()
         trainable, frozen = count_parameters(self)
         logger.info(
             f"DESSAM parameters: {trainable / 1e6:.2f}M trainable, {frozen / 1e6:.2f}M frozen"
@@ -81,6 +97,9 @@ class DESSAM(nn.Module):
             "mask_threshold": cfg.MODEL.DESSAM.MASK_THRESHOLD,
             "sam_checkpoint": cfg.MODEL.SAM.CHECKPOINT,
             "sam_variant": cfg.MODEL.SAM.VARIANT,
+            "embedding_cache_dir": cfg.MODEL.DESSAM.EMBEDDING_CACHE_DIR,
+            "embedding_cache_dtype": cfg.MODEL.DESSAM.EMBEDDING_CACHE_DTYPE,
+            "embedding_cache_max_gb": cfg.MODEL.DESSAM.EMBEDDING_CACHE_MAX_GB,
         }
 
     @property
@@ -125,8 +144,49 @@ class DESSAM(nn.Module):
         return images, raw_padded
 
     def image_embeddings(self, images: ImageList, batched_inputs: List[Dict]) -> torch.Tensor:
-        """B x 256 x S/16 x S/16 SAM embeddings of the padded, normalised images."""
-        return self.image_encoder.encode(images.tensor)
+        """B x 256 x S/16 x S/16 SAM embeddings of the padded, normalised images.
+
+        With the embedding cache on, an image's embedding is read from disk when the same
+        image (content, size, transform) went through the same encoder weights before, and
+        computed and stored otherwise.
+        """
+        cache = self.embedding_cache
+        if cache is None:
+            return self.image_encoder.encode(images.tensor)
+        enc = self.image_encoder
+        shape = (enc.out_chans, enc.embed_size, enc.embed_size)
+        fingerprint = self.encoder_fingerprint()
+        keys = [
+            cache.key(x["image"], x.get("sam_transform", ""), self.image_size, fingerprint)
+            for x in batched_inputs
+        ]
+        found = [cache.get(k, shape) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            fresh = enc.encode(images.tensor[missing])
+            for i, emb in zip(missing, fresh):
+                # What was stored, rounded to the cache's dtype: results do not depend on
+                # whether an image was a hit or a miss.
+                found[i] = cache.put(keys[i], emb)
+        if time.time() - self._cache_logged > 600:
+            self._cache_logged = time.time()
+            logger.info(cache.summary(rescan=False))
+        return torch.stack(found).to(self.device, torch.float32)
+
+    def encoder_fingerprint(self) -> str:
+        """Hash of the encoder's weights and of the preprocessing in front of it; recomputed
+        only when the weights changed (e.g. a checkpoint was loaded) since the last call."""
+        state = weights_state(self.image_encoder.encoder)
+        if state != self._fingerprint_state:
+            t = time.perf_counter()
+            extra = [self.pixel_mean, self.pixel_std, torch.tensor(self.image_size)]
+            self._fingerprint = module_fingerprint(self.image_encoder.encoder, extra)
+            self._fingerprint_state = state
+            logger.info(
+                f"SAM encoder fingerprint {self._fingerprint[:12]} "
+                f"({time.perf_counter() - t:.2f} s)"
+            )
+        return self._fingerprint
 
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:

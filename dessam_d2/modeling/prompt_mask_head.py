@@ -18,6 +18,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 from torch import nn
 from torchvision.ops import roi_align
 
+from .fast_decoder import SharedImageDecoder
 from .losses import (
     box_projection_loss,
     color_similarity,
@@ -86,6 +87,8 @@ class SAMPromptMaskHead(nn.Module):
         pairwise_color_thresh: float = 0.3,
         edge_crop_size: int = 72,
         box_projection_weight: float = 0.0,
+        fast_decoder: bool = True,
+        inference_dtype: str = "float32",
     ):
         super().__init__()
         self.prompt_encoder = prompt_encoder
@@ -100,6 +103,20 @@ class SAMPromptMaskHead(nn.Module):
         if freeze_decoder:
             for p in list(prompt_encoder.parameters()) + list(mask_decoder.parameters()):
                 p.requires_grad_(False)
+        else:
+            # Box prompts with single-mask output never use these: leaving them trainable would
+            # give them no gradient, which data-parallel training rejects.
+            unused = [
+                prompt_encoder.point_embeddings[0],
+                prompt_encoder.point_embeddings[1],
+                prompt_encoder.not_a_point_embed,
+                prompt_encoder.mask_downscaling,
+                mask_decoder.iou_prediction_head,
+                *mask_decoder.output_hypernetworks_mlps[1:],
+            ]
+            for module in unused:
+                for p in module.parameters():
+                    p.requires_grad_(False)
         self.max_train_masks = max_train_masks
         self.w_bce = distill_weight * distill_bce_weight
         self.w_dice = distill_weight * distill_dice_weight
@@ -110,6 +127,10 @@ class SAMPromptMaskHead(nn.Module):
         self.pairwise_color_thresh = pairwise_color_thresh
         self.edge_crop_size = edge_crop_size
         self.w_proj = box_projection_weight
+        self.fast_decoder = fast_decoder
+        if inference_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"decoder inference dtype {inference_dtype!r}: float32 or bfloat16")
+        self.inference_dtype = inference_dtype
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape=None):
@@ -136,6 +157,8 @@ class SAMPromptMaskHead(nn.Module):
             "pairwise_color_thresh": d.PAIRWISE_COLOR_THRESH,
             "edge_crop_size": d.EDGE_CROP_SIZE,
             "box_projection_weight": d.BOX_PROJECTION_WEIGHT,
+            "fast_decoder": d.FAST_DECODER,
+            "inference_dtype": d.DECODER_INFERENCE_DTYPE,
         }
 
     def train(self, mode: bool = True):
@@ -148,29 +171,43 @@ class SAMPromptMaskHead(nn.Module):
     def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, student: bool) -> torch.Tensor:
         """Mask logits for N boxes (XYXY, input frame) on one image's embedding (1 x C x h x w).
 
-        Returns N x 1 x 4h x 4w. Boxes go through the decoder ``chunk_size`` at a time.
+        Returns N x 1 x 4h x 4w. Boxes go through the decoder ``chunk_size`` at a time. With
+        ``fast_decoder`` the image-side work all prompts share is done once per call
+        (fast_decoder.py; same outputs up to float rounding). In inference, the decoder runs in
+        bfloat16 if ``inference_dtype`` says so (never in training: the teacher's targets and
+        the student's gradients stay float32).
         """
-        image_pe = self.prompt_encoder.get_dense_pe()
-        out = []
-        for chunk in boxes.split(self.chunk_size):
-            sparse, dense = self.prompt_encoder(points=None, boxes=chunk, masks=None)
-            if student:
-                # Appending T~ after the box tokens equals T (+) T~ in Eq. 3: the two-way
-                # transformer has no token order (each token is its own positional encoding).
-                tokens = self.learnable_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
-                sparse = torch.cat([sparse, tokens.to(sparse.dtype)], dim=1)
-            masks, _ = self.mask_decoder(
-                image_embeddings=embedding,
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            out.append(masks)
-        if not out:
+        if len(boxes) == 0:
             side = 4 * embedding.shape[-1]
             return embedding.new_zeros(0, 1, side, side)
-        return torch.cat(out)
+        bf16 = self.inference_dtype == "bfloat16" and not self.training
+        with torch.autocast(embedding.device.type, torch.bfloat16, enabled=bf16):
+            image_pe = self.prompt_encoder.get_dense_pe()
+            shared = None
+            out = []
+            for chunk in boxes.split(self.chunk_size):
+                sparse, dense = self.prompt_encoder(points=None, boxes=chunk, masks=None)
+                if student:
+                    # Appending T~ after the box tokens equals T (+) T~ in Eq. 3: the two-way
+                    # transformer has no token order (each token is its own positional
+                    # encoding).
+                    tokens = self.learnable_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
+                    sparse = torch.cat([sparse, tokens.to(sparse.dtype)], dim=1)
+                if not self.fast_decoder:
+                    masks, _ = self.mask_decoder(
+                        image_embeddings=embedding,
+                        image_pe=image_pe,
+                        sparse_prompt_embeddings=sparse,
+                        dense_prompt_embeddings=dense,
+                        multimask_output=False,
+                    )
+                    out.append(masks)
+                    continue
+                if shared is None:
+                    # The dense "no mask" embedding is one vector for every box prompt.
+                    shared = SharedImageDecoder(self.mask_decoder, embedding, image_pe, dense[:1])
+                out.append(shared(sparse))
+        return torch.cat(out).float()
 
     def forward(self, features: Dict[str, torch.Tensor], instances: List[Instances]):
         embeddings = features["sam_embed"]
@@ -205,8 +242,9 @@ class SAMPromptMaskHead(nn.Module):
             gt_boxes.append(gt)
             image_ids.append(torch.full((len(inst),), i, device=gt.device))
         if not student_logits:
-            # No positive RoI in the batch: zero losses that still reach the learnable tokens.
-            zero = self.learnable_tokens.sum() * 0.0
+            # No positive RoI in the batch: zero losses that still reach every trainable
+            # parameter, so data-parallel training sees the same graph on every rank.
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             names = ["loss_distill_bce", "loss_distill_dice", "loss_local_pairwise"]
             names += ["loss_global_levelset"] + (["loss_box_proj"] if self.w_proj > 0 else [])
             return {k: zero for k in names}

@@ -1,0 +1,141 @@
+"""Boxes -> masks: bootstrap nucleus outlines from a COCO file that has boxes only.
+
+SAM is prompted with each given box, either as DES-SAM's teacher (SAM's own output tokens: works
+with the official SAM checkpoint alone) or as the trained student (with its learnable tokens).
+Progress is appended per image to ``<output>.partial.jsonl``, so a killed run resumes where it
+stopped; the output JSON is written once, atomically, at the end.
+"""
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+from .data.datasets import DatasetFormatError, atomic_write_json
+from .data.image_io import ImageReadError, read_image_rgb
+from .predict import Predictor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AnnotateSummary:
+    images: int = 0
+    resumed: int = 0
+    masks: int = 0
+    degenerate_boxes: int = 0
+    failed: Dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        rows = [
+            ["images segmented", self.images],
+            ["images resumed from an earlier run", self.resumed],
+            ["images failed", len(self.failed)],
+            ["masks written", self.masks],
+            ["boxes skipped (zero or negative size, or outside the image)", self.degenerate_boxes],
+            ["seconds", f"{self.seconds:.1f}"],
+        ]
+        return tabulate(rows, tablefmt="simple")
+
+
+def read_coco(path: str) -> Dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    try:
+        with open(path) as f:
+            coco = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetFormatError(f"{path} is not valid JSON ({e}): fix or re-export it") from None
+    if not isinstance(coco, dict) or not {"images", "annotations"} <= coco.keys():
+        raise DatasetFormatError(f"{path} is not a COCO file: it needs 'images' and 'annotations'")
+    return coco
+
+
+def _valid_box(bbox, width: int, height: int) -> bool:
+    x, y, w, h = bbox
+    return w > 0 and h > 0 and x < width and y < height and x + w > 0 and y + h > 0
+
+
+def _read_partial(path: str) -> Dict[int, List[Dict]]:
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: that image is redone
+                done[entry["image_id"]] = entry["annotations"]
+    return done
+
+
+@torch.no_grad()
+def boxes_to_masks(
+    predictor: Predictor,
+    annotation_file: str,
+    image_root: str,
+    output_file: str,
+    student: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> AnnotateSummary:
+    """Write ``output_file``: the input COCO file with a ``segmentation`` (RLE) for every box."""
+    coco = read_coco(annotation_file)
+    model = predictor.model
+    by_image: Dict[int, List[Dict]] = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    partial = output_file + ".partial.jsonl"
+    if overwrite and os.path.exists(partial):
+        os.remove(partial)
+    done = _read_partial(partial)
+    summary = AnnotateSummary()
+    start = time.perf_counter()
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    with open(partial, "a") as log:
+        for info in tqdm(coco["images"], desc="boxes->masks", disable=not progress):
+            if info["id"] in done:
+                summary.resumed += 1
+                continue
+            path = os.path.join(image_root, info["file_name"])
+            try:
+                image = read_image_rgb(path)
+            except ImageReadError as e:
+                summary.failed[path] = str(e)
+                logger.warning(str(e))
+                continue
+            h, w = image.shape[:2]
+            anns = [a for a in by_image.get(info["id"], []) if _valid_box(a["bbox"], w, h)]
+            summary.degenerate_boxes += len(by_image.get(info["id"], [])) - len(anns)
+            inputs = predictor._model_input(image)
+            scale = max(inputs["image"].shape[-2:]) / max(h, w)
+            xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+            xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1).clamp_min(0)
+            xyxy[:, 0::2] = xyxy[:, 0::2].clamp_max(w)
+            xyxy[:, 1::2] = xyxy[:, 1::2].clamp_max(h)
+            inst = model.segment_boxes([inputs], [xyxy * scale], student=student)[0]["instances"]
+            out = []
+            for ann, mask in zip(anns, inst.pred_masks.cpu().numpy()):
+                rle = mask_util.encode(np.asfortranarray(mask))
+                rle["counts"] = rle["counts"].decode("ascii")
+                out.append({**ann, "segmentation": rle, "area": float(mask.sum())})
+            log.write(json.dumps({"image_id": info["id"], "annotations": out}) + "\n")
+            log.flush()
+            done[info["id"]] = out
+            summary.images += 1
+    annotations = [a for anns in done.values() for a in anns]
+    summary.masks = len(annotations)
+    atomic_write_json(output_file, {**coco, "annotations": annotations})
+    if not summary.failed:
+        os.remove(partial)
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,363 @@
+"""Predict nuclei on your own images: label images, overlays, per-nucleus features, GeoJSON, COCO.
+
+Per input image ``<stem>`` the output folder gets
+    <stem>_labels.png    instance label image, 16-bit (0 = background, 1..N = nucleus id)
+    <stem>_overlay.png   the image with outlines, boxes and scores (Detectron2 Visualizer)
+    <stem>_nuclei.csv    one row per nucleus id: score, box, area, perimeter, circularity,
+                         eccentricity, mean intensity, integrated optical density
+    <stem>.geojson       nucleus polygons as QuPath detections
+and, for all images, ``predictions_coco.json`` (COCO results: RLE masks, boxes, scores) with
+``predictions_images.json`` (the image ids it refers to). Every file is written to a temporary
+name and renamed; an image counts as done when its CSV (written last) exists, so an interrupted
+run loses no finished image and a re-run skips them (``overwrite=True`` redoes them).
+"""
+
+import csv
+import glob
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.data import transforms as T
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.visualizer import ColorMode, Visualizer
+from scipy import ndimage
+from segment_anything.utils.transforms import ResizeLongestSide
+from tabulate import tabulate
+from tqdm import tqdm
+
+from .data.datasets import atomic_write_bytes, atomic_write_json
+from .data.image_io import ImageReadError, read_image_rgb
+from .evaluation.metrics import masks_to_label_map
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+CSV_FIELDS = [
+    "id",
+    "score",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "area",
+    "perimeter",
+    "circularity",
+    "eccentricity",
+    "mean_intensity",
+    "integrated_optical_density",
+]
+
+
+def collect_images(inputs: Sequence[str]) -> List[str]:
+    """Files, folders (their images, not recursive) and glob patterns -> sorted unique paths."""
+    found: List[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            names = sorted(os.listdir(item))
+            found += [os.path.join(item, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        elif any(c in item for c in "*?["):
+            found += sorted(p for p in glob.glob(item) if p.lower().endswith(IMAGE_EXTENSIONS))
+        else:
+            found.append(item)  # a missing file is reported per image, the rest go on
+    unique = list(dict.fromkeys(os.path.normpath(p) for p in found))
+    if not unique:
+        raise FileNotFoundError(f"no images found in {list(inputs)}: give files, folders or globs")
+    return unique
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
+    """Start offsets of tiles of side ``tile`` covering ``length`` with at least ``overlap``."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    n = math.ceil((length - tile) / stride) + 1
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def tile_core(starts: List[int], index: int, tile: int, length: int) -> Tuple[int, int]:
+    """The part of tile ``index`` it owns: seams halfway through each overlap, so the cores of
+    all tiles partition [0, length) and every nucleus is kept by exactly one tile."""
+    lo = 0 if index == 0 else (starts[index] + starts[index - 1] + tile) // 2
+    hi = length if index == len(starts) - 1 else (starts[index + 1] + starts[index] + tile) // 2
+    return lo, hi
+
+
+class Predictor:
+    """A DES-SAM model that segments whole images of any size (tiled when larger than a tile)."""
+
+    def __init__(self, model: torch.nn.Module, tile_size: int = 0, tile_overlap: int = 128):
+        self.model = model.eval()
+        self.image_size = model.image_size
+        self.tile_size = tile_size or self.image_size
+        if not 0 <= tile_overlap < self.tile_size:
+            raise ValueError(f"tile overlap {tile_overlap} must be in [0, tile size {tile_size})")
+        self.tile_overlap = tile_overlap
+
+    def _model_input(self, image: np.ndarray) -> Dict:
+        h, w = image.shape[:2]
+        new_h, new_w = ResizeLongestSide.get_preprocess_shape(h, w, self.image_size)
+        resized = T.ResizeTransform(h, w, new_h, new_w).apply_image(image)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return {"image": tensor, "height": h, "width": w}
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> Instances:
+        """H x W x 3 uint8 RGB -> Instances at the image's size (pred_masks, boxes, scores)."""
+        h, w = image.shape[:2]
+        t = self.tile_size
+        ys, xs = tile_starts(h, t, self.tile_overlap), tile_starts(w, t, self.tile_overlap)
+        if len(ys) == len(xs) == 1:
+            return self.model([self._model_input(image)])[0]["instances"].to("cpu")
+        parts = []
+        for iy, y in enumerate(ys):
+            for ix, x in enumerate(xs):
+                tile = image[y : y + t, x : x + t]
+                inst = self.model([self._model_input(tile)])[0]["instances"].to("cpu")
+                boxes = inst.pred_boxes.tensor
+                cy, cx = (boxes[:, 1] + boxes[:, 3]) / 2 + y, (boxes[:, 0] + boxes[:, 2]) / 2 + x
+                (y0, y1), (x0, x1) = tile_core(ys, iy, t, h), tile_core(xs, ix, t, w)
+                keep = (cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)
+                parts.append((inst[keep], y, x))
+        return self._merge(parts, (h, w))
+
+    @staticmethod
+    def _merge(parts, size) -> Instances:
+        h, w = size
+        out = Instances(size)
+        n = sum(len(p) for p, _, _ in parts)
+        masks = torch.zeros(n, h, w, dtype=torch.bool)
+        boxes, scores, i = [], [], 0
+        for inst, y, x in parts:
+            th, tw = inst.image_size
+            masks[i : i + len(inst), y : y + th, x : x + tw] = inst.pred_masks
+            boxes.append(inst.pred_boxes.tensor + torch.tensor([x, y, x, y], dtype=torch.float32))
+            scores.append(inst.scores)
+            i += len(inst)
+        out.pred_masks = masks
+        out.pred_boxes = Boxes(torch.cat(boxes) if boxes else torch.zeros(0, 4))
+        out.scores = torch.cat(scores) if scores else torch.zeros(0)
+        out.pred_classes = torch.zeros(n, dtype=torch.int64)
+        return out
+
+
+def nucleus_features(image: np.ndarray, labels: np.ndarray, scores: Dict[int, float]) -> List[Dict]:
+    """Per-nucleus morphology and intensity features from the label image.
+
+    mean_intensity is of the grey image (ITU-R 601 luma, 0-255). Optical density is
+    OD = log10(I0 / I) with I0 the median grey level of the background (label 0) and I >= 1;
+    the integrated optical density (IOD) is the sum of OD over the nucleus' pixels.
+    """
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    background = grey[labels == 0]
+    i0 = float(np.median(background)) if background.size else 255.0
+    od = np.log10(max(i0, 1.0) / np.maximum(grey, 1.0))
+    rows = []
+    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        mask = labels[sl] == idx
+        area = int(mask.sum())
+        contours, _ = cv2.findContours(
+            np.pad(mask, 1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+        )
+        perimeter = float(sum(cv2.arcLength(c, True) for c in contours))
+        m = cv2.moments(mask.astype(np.uint8), binaryImage=True)
+        cov = np.array([[m["mu20"], m["mu11"]], [m["mu11"], m["mu02"]]]) / max(m["m00"], 1.0)
+        lo, hi = np.sort(np.linalg.eigvalsh(cov))
+        rows.append(
+            {
+                "id": idx,
+                "score": round(scores.get(idx, float("nan")), 4),
+                "x0": sl[1].start,
+                "y0": sl[0].start,
+                "x1": sl[1].stop,
+                "y1": sl[0].stop,
+                "area": area,
+                "perimeter": round(perimeter, 2),
+                "circularity": round(4 * math.pi * area / perimeter**2, 4) if perimeter else 0.0,
+                "eccentricity": round(math.sqrt(1 - lo / hi), 4) if hi > 0 else 0.0,
+                "mean_intensity": round(float(grey[sl][mask].mean()), 2),
+                "integrated_optical_density": round(float(od[sl][mask].sum()), 3),
+            }
+        )
+    return rows
+
+
+def label_polygons(labels: np.ndarray) -> Dict[int, List[List[List[float]]]]:
+    """Outer contour of each labelled nucleus as closed [x, y] rings (pixel-corner coordinates)."""
+    polygons = {}
+    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        mask = np.pad(labels[sl] == idx, 1).astype(np.uint8)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        rings = []
+        for c in contours:
+            pts = c[:, 0, :].astype(float) - 1 + [sl[1].start, sl[0].start]
+            if len(pts) >= 3:
+                ring = pts.tolist()
+                rings.append(ring + [ring[0]])
+        if rings:
+            polygons[idx] = rings
+    return polygons
+
+
+def to_geojson(labels: np.ndarray, rows: List[Dict]) -> Dict:
+    """A FeatureCollection QuPath imports as detections classified "Nucleus"."""
+    by_id = {r["id"]: r for r in rows}
+    features = []
+    for idx, rings in label_polygons(labels).items():
+        largest = max(rings, key=len)
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [largest]},
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": "Nucleus"},
+                    "name": f"nucleus {idx}",
+                    "measurements": {k: v for k, v in by_id[idx].items() if k != "id"},
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:
+        raise RuntimeError("OpenCV could not encode a PNG")
+    return buf.tobytes()
+
+
+@dataclass
+class PredictionSummary:
+    done: int = 0
+    skipped: int = 0
+    nuclei: int = 0
+    failed: Dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        rows = [
+            ["images predicted", self.done],
+            ["images skipped (already done)", self.skipped],
+            ["images failed", len(self.failed)],
+            ["nuclei found", self.nuclei],
+            ["seconds", f"{self.seconds:.1f}"],
+        ]
+        return tabulate(rows, tablefmt="simple")
+
+
+def output_paths(output_dir: str, image_path: str) -> Dict[str, str]:
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    base = os.path.join(output_dir, stem)
+    return {
+        "labels": base + "_labels.png",
+        "overlay": base + "_overlay.png",
+        "geojson": base + ".geojson",
+        "csv": base + "_nuclei.csv",  # written last: its presence marks the image as done
+    }
+
+
+def write_outputs(image: np.ndarray, instances: Instances, paths: Dict[str, str]) -> int:
+    masks = instances.pred_masks.numpy()
+    scores = instances.scores.numpy()
+    labels = masks_to_label_map(masks, scores)
+    # masks_to_label_map numbers nuclei by their order in ``masks``; a nucleus hidden entirely by
+    # higher-scoring ones gets no pixel and no row.
+    id_scores = {i + 1: float(s) for i, s in enumerate(scores)}
+    if labels.max(initial=0) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{paths['labels']}: more than 65535 nuclei do not fit a 16-bit image")
+    atomic_write_bytes(paths["labels"], _png_bytes(labels.astype(np.uint16)))
+    vis = Visualizer(image, metadata=None, scale=1.0, instance_mode=ColorMode.IMAGE)
+    drawn = vis.draw_instance_predictions(instances).get_image()
+    atomic_write_bytes(paths["overlay"], _png_bytes(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)))
+    rows = nucleus_features(image, labels, id_scores)
+    atomic_write_json(paths["geojson"], to_geojson(labels, rows))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(paths["csv"], text.getvalue().encode())
+    return len(rows)
+
+
+def coco_results(image_paths: Iterable[str], output_dir: str) -> Tuple[List[Dict], List[Dict]]:
+    """COCO results and image entries rebuilt from the finished images' label images and CSVs."""
+    results, images = [], []
+    for image_id, path in enumerate(image_paths, start=1):
+        paths = output_paths(output_dir, path)
+        if not os.path.exists(paths["csv"]):
+            continue
+        labels = cv2.imread(paths["labels"], cv2.IMREAD_UNCHANGED)
+        h, w = labels.shape
+        images.append({"id": image_id, "file_name": path, "height": h, "width": w})
+        with open(paths["csv"], newline="") as f:
+            for row in csv.DictReader(f):
+                mask = np.asfortranarray(labels == int(row["id"]))
+                rle = mask_util.encode(mask)
+                rle["counts"] = rle["counts"].decode("ascii")
+                x0, y0, x1, y1 = (float(row[k]) for k in ("x0", "y0", "x1", "y1"))
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": 1,
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "score": float(row["score"]),
+                        "segmentation": rle,
+                    }
+                )
+    return results, images
+
+
+def predict_images(
+    predictor: Predictor,
+    image_paths: Sequence[str],
+    output_dir: str,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PredictionSummary:
+    os.makedirs(output_dir, exist_ok=True)
+    summary = PredictionSummary()
+    start = time.perf_counter()
+    for path in tqdm(image_paths, desc="predict", unit="image", disable=not progress):
+        paths = output_paths(output_dir, path)
+        if os.path.exists(paths["csv"]) and not overwrite:
+            summary.skipped += 1
+            continue
+        try:
+            image = read_image_rgb(path)
+        except ImageReadError as e:
+            summary.failed[path] = str(e)
+            logger.warning(str(e))
+            continue
+        summary.nuclei += write_outputs(image, predictor(image), paths)
+        summary.done += 1
+    results, images = coco_results(image_paths, output_dir)
+    atomic_write_json(os.path.join(output_dir, "predictions_coco.json"), results)
+    atomic_write_json(os.path.join(output_dir, "predictions_images.json"), images)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def load_model_for_inference(cfg, weights: Optional[str]) -> torch.nn.Module:
+    """Build the model of ``cfg`` and load ``weights`` (a trained DES-SAM checkpoint)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    model = build_model(cfg)
+    if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"weights {weights} do not exist: pass a trained model_*.pth")
+        DetectionCheckpointer(model).load(weights)
+    return model.eval()

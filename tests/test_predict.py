@@ -1,0 +1,147 @@
+"""Predicting on your own images: tiling without duplicates, features, every output file."""
+
+import csv
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.structures import Boxes, Instances
+from scipy import ndimage
+
+from dessam_d2.predict import (
+    Predictor,
+    collect_images,
+    nucleus_features,
+    output_paths,
+    predict_images,
+    tile_core,
+    tile_starts,
+)
+
+
+class ThresholdModel(torch.nn.Module):
+    """A stand-in for DES-SAM with the same interface: one instance per dark blob of its input.
+
+    It sees only what a tile shows, so a blob cut by the tile border comes out cut: the tiling
+    must keep each nucleus from the one tile that holds it whole.
+    """
+
+    def __init__(self, image_size=64):
+        super().__init__()
+        self.image_size = image_size
+
+    def forward(self, batched_inputs):
+        out = []
+        for x in batched_inputs:
+            h, w = x["height"], x["width"]
+            img = x["image"].permute(1, 2, 0).numpy()
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_NEAREST)
+            labels, n = ndimage.label(img[..., 0] < 100)
+            inst = Instances((h, w))
+            masks = np.stack([labels == i for i in range(1, n + 1)]) if n else np.zeros((0, h, w))
+            inst.pred_masks = torch.as_tensor(masks, dtype=torch.bool)
+            boxes = [
+                [s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels)
+            ]
+            inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+            inst.scores = torch.linspace(0.9, 0.6, n) if n else torch.zeros(0)
+            inst.pred_classes = torch.zeros(n, dtype=torch.int64)
+            out.append({"instances": inst})
+        return out
+
+
+def disc_image(h=150, w=200, centres=((20, 20), (60, 63), (100, 30), (130, 120), (75, 170))):
+    img = np.full((h, w, 3), 220, np.uint8)
+    truth = np.zeros((h, w), np.int32)
+    yy, xx = np.mgrid[:h, :w]
+    for i, (cy, cx) in enumerate(centres, start=1):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 8**2
+        img[disc] = 40
+        truth[disc] = i
+    return img, truth
+
+
+def test_tiles_cover_the_image_and_their_cores_partition_it():
+    for length, tile, overlap in [(200, 64, 24), (64, 64, 10), (1000, 256, 64), (257, 256, 32)]:
+        starts = tile_starts(length, tile, overlap)
+        assert starts[0] == 0 and starts[-1] + tile == max(length, tile)
+        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+        cores = [tile_core(starts, i, tile, length) for i in range(len(starts))]
+        assert cores[0][0] == 0 and cores[-1][1] == length
+        assert all(a[1] == b[0] for a, b in zip(cores, cores[1:]))
+
+
+def test_tiled_prediction_keeps_every_nucleus_once_and_whole():
+    img, truth = disc_image()
+    whole = Predictor(ThresholdModel(image_size=256))(img)
+    tiled = Predictor(ThresholdModel(), tile_size=64, tile_overlap=24)(img)
+    assert len(whole) == len(tiled) == 5
+    for mask in tiled.pred_masks.numpy():
+        ids = np.unique(truth[mask])
+        assert len(ids) == 1 and ids[0] > 0 and mask.sum() == (truth == ids[0]).sum()
+
+
+def test_features_of_a_disc_and_an_ellipse():
+    labels = np.zeros((80, 80), np.int32)
+    yy, xx = np.mgrid[:80, :80]
+    labels[(yy - 20) ** 2 + (xx - 20) ** 2 <= 15**2] = 1
+    labels[((yy - 60) / 5.0) ** 2 + ((xx - 50) / 20.0) ** 2 <= 1] = 2
+    image = np.full((80, 80, 3), 200, np.uint8)
+    image[labels == 1] = 20
+    rows = nucleus_features(image, labels, {1: 0.9, 2: 0.8})
+    disc, ellipse = rows
+    assert disc["area"] == (labels == 1).sum() and disc["score"] == 0.9
+    assert disc["circularity"] == pytest.approx(1.0, abs=0.12)
+    assert disc["eccentricity"] == pytest.approx(0.0, abs=0.05)
+    assert ellipse["eccentricity"] == pytest.approx(math.sqrt(1 - (5 / 20) ** 2), abs=0.02)
+    assert (disc["x0"], disc["y0"], disc["x1"], disc["y1"]) == (5, 5, 36, 36)
+    assert disc["mean_intensity"] == pytest.approx(20, abs=0.5)
+    # Background grey 200, nucleus 20: OD = log10(200/20) = 1 per pixel.
+    assert disc["integrated_optical_density"] == pytest.approx(disc["area"], rel=1e-3)
+    assert ellipse["integrated_optical_density"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_every_output_file_and_rerun_skips_finished_images(tmp_path):
+    img, truth = disc_image()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(inputs / name), img[..., ::-1])
+    (inputs / "broken.png").write_bytes(b"")
+    out = tmp_path / "out"
+    paths = collect_images([str(inputs)])
+    assert [p.split("/")[-1] for p in paths] == ["a.png", "b.png", "broken.png"]
+    summary = predict_images(Predictor(ThresholdModel(), 64, 24), paths, str(out), progress=False)
+    assert (summary.done, summary.skipped, summary.nuclei) == (2, 0, 10)
+    assert list(summary.failed) == [paths[2]] and "broken.png" in summary.failed[paths[2]]
+
+    files = output_paths(str(out), paths[0])
+    labels = cv2.imread(files["labels"], cv2.IMREAD_UNCHANGED)
+    assert labels.dtype == np.uint16 and labels.shape == truth.shape
+    assert len(np.unique(labels)) == 6 and ((labels > 0) == (truth > 0)).all()
+    rows = list(csv.DictReader(open(files["csv"])))
+    assert [int(r["area"]) for r in rows] == [(labels == int(r["id"])).sum() for r in rows]
+    geo = json.load(open(files["geojson"]))
+    assert len(geo["features"]) == 5
+    assert geo["features"][0]["properties"]["classification"]["name"] == "Nucleus"
+    assert cv2.imread(files["overlay"]).shape == (150, 200, 3)
+    coco = json.load(open(out / "predictions_coco.json"))
+    images = json.load(open(out / "predictions_images.json"))
+    assert len(coco) == 10 and [i["id"] for i in images] == [1, 2]
+    assert {r["image_id"] for r in coco} == {1, 2} and coco[0]["category_id"] == 1
+
+    again = predict_images(Predictor(ThresholdModel(), 64, 24), paths[:2], str(out), progress=False)
+    assert (again.done, again.skipped) == (0, 2)
+    redo = predict_images(
+        Predictor(ThresholdModel(), 64, 24), paths[:2], str(out), overwrite=True, progress=False
+    )
+    assert (redo.done, redo.skipped) == (2, 0)
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_no_images_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no images found"):
+        collect_images([str(tmp_path / "*.png")])

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Turn a COCO file with boxes only into one with a mask for every box.
+
+    # SAM prompted with the boxes as DES-SAM's teacher (needs only the official SAM checkpoint):
+    python tools/boxes_to_masks.py --config-file configs/dessam_clusterseg.yaml \
+        --annotations boxes.json --image-root images/ --output boxes_with_masks.json
+    # or with a trained DES-SAM student:
+    python tools/boxes_to_masks.py ... --weights output/clusterseg/model_final.pth --student
+"""
+
+import argparse
+import logging
+import sys
+
+from dessam_d2.annotate import boxes_to_masks
+from dessam_d2.cli import run_cli
+from dessam_d2.engine import load_config
+from dessam_d2.predict import Predictor, load_model_for_inference
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config-file", required=True)
+    p.add_argument("--weights", default="", help="trained DES-SAM (default: MODEL.WEIGHTS)")
+    p.add_argument("--annotations", required=True, help="COCO json with boxes")
+    p.add_argument("--image-root", required=True, help="folder the file_names are relative to")
+    p.add_argument("--output", required=True, help="COCO json to write")
+    p.add_argument("--student", action="store_true", help="use the trained student")
+    p.add_argument("--overwrite", action="store_true", help="ignore an interrupted run's progress")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return p.parse_args(argv)
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    cfg = load_config(args.config_file, args.opts)
+    model = load_model_for_inference(cfg, args.weights or cfg.MODEL.WEIGHTS)
+    summary = boxes_to_masks(
+        Predictor(model),
+        args.annotations,
+        args.image_root,
+        args.output,
+        student=args.student,
+        overwrite=args.overwrite,
+    )
+    print(summary.table())
+    for message in summary.failed.values():
+        print(f"failed: {message}")
+    print(f"wrote {args.output}")
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, parse_args()))

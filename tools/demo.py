@@ -1,0 +1,25 @@
+#!/usr/bin/env python
+"""The embedded demo (`make demo`): needs no data set and no weights.
+
+Generates synthetic cervical cytology, trains a small randomly initialised DES-SAM on the CPU,
+evaluates it against the untrained model, predicts on the held-out images and prints the table.
+
+    python tools/demo.py [--config-file configs/dessam_demo.yaml] [KEY VALUE ...]
+"""
+
+import argparse
+
+from dessam_d2.cli import run_cli
+from dessam_d2.demo import run_demo
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config-file", default="configs/dessam_demo.yaml")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = p.parse_args()
+    run_cli(run_demo, args.config_file, args.opts)
+
+
+if __name__ == "__main__":
+    main()
