@@ -58,6 +58,9 @@ def add_dessam_config(cfg: CN) -> None:
     # Weight of a BoxInst-style box-projection term on the student mask. 0 in the paper; the
     # demo turns it on because a randomly initialised SAM teacher has nothing to distil.
     _C.MODEL.DESSAM.BOX_PROJECTION_WEIGHT = 0.0
+    # The distillation teacher: "sam" (the paper: frozen SAM prompted with the GT box) or
+    # "box_ellipse" (demo only: the ellipse inscribed in the GT box, for a random-init SAM).
+    _C.MODEL.DESSAM.TEACHER = "sam"
     # A pixel is nucleus where the student's mask probability exceeds this.
     _C.MODEL.DESSAM.MASK_THRESHOLD = 0.5
     # On-disk cache of the frozen encoder's embeddings; "" = off (the paper encodes every time).
@@ -78,6 +81,8 @@ def add_dessam_config(cfg: CN) -> None:
     # Augmentation of the training mapper: "none" (paper), "horizontal", "vertical" or "both".
     _C.INPUT.RANDOM_FLIP = "none"
 
+    # "SGD" (the paper) or "ADAMW" (the demo: a randomly initialised SAM learns in minutes).
+    _C.SOLVER.OPTIMIZER = "SGD"
     # Schedule in epochs as the paper states it (50 epochs, lr x0.1 at 30 and 36), converted to
     # iterations from the training set's size by dessam_d2.engine.setup; 0 = use MAX_ITER/STEPS.
     _C.SOLVER.EPOCHS = 0

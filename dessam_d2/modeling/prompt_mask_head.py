@@ -87,6 +87,7 @@ class SAMPromptMaskHead(nn.Module):
         pairwise_color_thresh: float = 0.3,
         edge_crop_size: int = 72,
         box_projection_weight: float = 0.0,
+        teacher: str = "sam",
         fast_decoder: bool = True,
         inference_dtype: str = "float32",
     ):
@@ -127,6 +128,9 @@ class SAMPromptMaskHead(nn.Module):
         self.pairwise_color_thresh = pairwise_color_thresh
         self.edge_crop_size = edge_crop_size
         self.w_proj = box_projection_weight
+        if teacher not in ("sam", "box_ellipse"):
+            raise ValueError(f"MODEL.DESSAM.TEACHER={teacher!r}: use 'sam' or 'box_ellipse'")
+        self.teacher = teacher
         self.fast_decoder = fast_decoder
         if inference_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"decoder inference dtype {inference_dtype!r}: float32 or bfloat16")
@@ -157,6 +161,7 @@ class SAMPromptMaskHead(nn.Module):
             "pairwise_color_thresh": d.PAIRWISE_COLOR_THRESH,
             "edge_crop_size": d.EDGE_CROP_SIZE,
             "box_projection_weight": d.BOX_PROJECTION_WEIGHT,
+            "teacher": d.TEACHER,
             "fast_decoder": d.FAST_DECODER,
             "inference_dtype": d.DECODER_INFERENCE_DTYPE,
         }
@@ -235,7 +240,10 @@ class SAMPromptMaskHead(nn.Module):
             # One teacher run per ground-truth nucleus, shared by all its positive RoIs.
             uniq, inverse = torch.unique(gt, dim=0, return_inverse=True)
             with torch.no_grad():
-                teacher = self.decode(emb[None], uniq, student=False)
+                if self.teacher == "box_ellipse":
+                    teacher = box_ellipse_logits(uniq, 4 * emb.shape[-1], self.image_size)
+                else:
+                    teacher = self.decode(emb[None], uniq, student=False)
             pred = inst.proposal_boxes.tensor.detach().clamp(0, self.image_size)
             student_logits.append(self.decode(emb[None], pred, student=True))
             teacher_logits.append(teacher[inverse])
@@ -275,6 +283,21 @@ class SAMPromptMaskHead(nn.Module):
                 student, box_masks_like(student, boxes * scale)
             )
         return losses
+
+
+def box_ellipse_logits(boxes: torch.Tensor, side: int, image_size: int) -> torch.Tensor:
+    """R x 1 x side x side logits (+10 / -10) of the ellipses inscribed in XYXY boxes.
+
+    The demo's stand-in teacher when no pretrained SAM exists: a box-only shape prior.
+    """
+    b = boxes * (side / image_size)
+    coords = torch.arange(side, device=boxes.device, dtype=boxes.dtype) + 0.5
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    rx, ry = ((b[:, 2] - b[:, 0]) / 2).clamp_min(0.5), ((b[:, 3] - b[:, 1]) / 2).clamp_min(0.5)
+    dx = ((coords[None] - cx[:, None]) / rx[:, None]) ** 2  # R x side
+    dy = ((coords[None] - cy[:, None]) / ry[:, None]) ** 2
+    inside = dy[:, :, None] + dx[:, None, :] <= 1
+    return (inside.to(boxes.dtype) * 20 - 10)[:, None]
 
 
 def box_masks_like(logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
