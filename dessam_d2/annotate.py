@@ -8,6 +8,7 @@ stopped; the output JSON is written once, atomically, at the end.
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from .data.datasets import DatasetFormatError, atomic_write_json
+from .data.datasets import DatasetFormatError, EmptyDatasetError, atomic_write_json
 from .data.image_io import ImageReadError, read_image_rgb
 from .predict import Predictor
 
@@ -41,7 +42,10 @@ class AnnotateSummary:
             ["images resumed from an earlier run", self.resumed],
             ["images failed", len(self.failed)],
             ["masks written", self.masks],
-            ["boxes skipped (zero or negative size, or outside the image)", self.degenerate_boxes],
+            [
+                "boxes skipped (malformed, zero or negative size, outside the image)",
+                self.degenerate_boxes,
+            ],
             ["seconds", f"{self.seconds:.1f}"],
         ]
         return tabulate(rows, tablefmt="simple")
@@ -57,10 +61,25 @@ def read_coco(path: str) -> Dict:
         raise DatasetFormatError(f"{path} is not valid JSON ({e}): fix or re-export it") from None
     if not isinstance(coco, dict) or not {"images", "annotations"} <= coco.keys():
         raise DatasetFormatError(f"{path} is not a COCO file: it needs 'images' and 'annotations'")
+    if not isinstance(coco["images"], list) or not isinstance(coco["annotations"], list):
+        raise DatasetFormatError(f"{path}: 'images' and 'annotations' must be lists")
+    for kind, keys in (("images", ("id", "file_name")), ("annotations", ("image_id",))):
+        for i, entry in enumerate(coco[kind]):
+            if not isinstance(entry, dict) or not all(k in entry for k in keys):
+                raise DatasetFormatError(
+                    f"{path}: {kind}[{i}] has no {' or '.join(keys)}; fix or re-export the file"
+                )
+    if not coco["images"]:
+        raise EmptyDatasetError(f"{path} lists no images: nothing to segment")
     return coco
 
 
 def _valid_box(bbox, width: int, height: int) -> bool:
+    """A box of 4 finite numbers, of positive size, that overlaps the image."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return False
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+        return False
     x, y, w, h = bbox
     return w > 0 and h > 0 and x < width and y < height and x + w > 0 and y + h > 0
 
@@ -114,7 +133,7 @@ def boxes_to_masks(
                 logger.warning(str(e))
                 continue
             h, w = image.shape[:2]
-            anns = [a for a in by_image.get(info["id"], []) if _valid_box(a["bbox"], w, h)]
+            anns = [a for a in by_image.get(info["id"], []) if _valid_box(a.get("bbox"), w, h)]
             summary.degenerate_boxes += len(by_image.get(info["id"], [])) - len(anns)
             inputs = predictor._model_input(image)
             scale = max(inputs["image"].shape[-2:]) / max(h, w)

@@ -2,15 +2,57 @@
 
 import logging
 import sys
-from typing import Callable
+from typing import Callable, Iterable
 
 from detectron2.data.catalog import DatasetCatalog  # noqa: F401  (registered names for errors)
 
+from .checkpointing import CheckpointError, NonFiniteError
 from .data.image_io import ImageReadError
 from .modeling.checkpoint import SAMCheckpointError
 
-# Errors caused by the user's files, configs or arguments: their message says what to do.
-USER_ERRORS = (SAMCheckpointError, ImageReadError, FileNotFoundError, ValueError)
+# Errors caused by the user's files, configs or arguments (their message says what to do), and a
+# diverged training run (its message names the iteration and the loss terms).
+USER_ERRORS = (
+    SAMCheckpointError,
+    CheckpointError,
+    ImageReadError,
+    FileNotFoundError,
+    ValueError,
+    NonFiniteError,
+)
+
+
+def one_line_message(error: BaseException) -> str:
+    """The error's message; for one re-raised by a DataLoader worker, the original message only.
+
+    torch re-raises a worker's exception in the main process as the same type with the text
+    "Caught X in DataLoader worker process N.\\nOriginal Traceback ...", whose last line is
+    "<module>.X: <original message>".
+    """
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split("\n"))
+
+
+class _HideUserErrorTracebacks(logging.Filter):
+    # FloatingPointError: Detectron2's non-finite loss error, which the trainer turns into a
+    # one-line NonFiniteError.
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, USER_ERRORS + (FloatingPointError,))
+
+
+def hide_user_error_tracebacks(logger_names: Iterable[str]) -> None:
+    """Console handlers of these loggers drop records carrying a user error's traceback (e.g.
+    Detectron2's "Exception during training:"); file handlers (log.txt) keep them."""
+    for name in logger_names:
+        for handler in logging.getLogger(name).handlers:
+            stream = getattr(handler, "stream", None)
+            if stream in (sys.stdout, sys.stderr) and not any(
+                isinstance(f, _HideUserErrorTracebacks) for f in handler.filters
+            ):
+                handler.addFilter(_HideUserErrorTracebacks())
 
 
 def run_cli(main: Callable, *args):
@@ -19,5 +61,5 @@ def run_cli(main: Callable, *args):
         return main(*args)
     except USER_ERRORS as e:
         logging.getLogger("dessam_d2").debug("user error", exc_info=True)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line_message(e)}", file=sys.stderr)
         sys.exit(2)

@@ -61,6 +61,9 @@ def add_dessam_config(cfg: CN) -> None:
     # The distillation teacher: "sam" (the paper: frozen SAM prompted with the GT box) or
     # "box_ellipse" (demo only: the ellipse inscribed in the GT box, for a random-init SAM).
     _C.MODEL.DESSAM.TEACHER = "sam"
+    # Where L_distill is computed: "frame" (the paper: all 256x256 low-res logits) or "box"
+    # (a 32x32 crop around each box, 1.5x its size: balanced, for the demo's short training).
+    _C.MODEL.DESSAM.DISTILL_REGION = "frame"
     # A pixel is nucleus where the student's mask probability exceeds this.
     _C.MODEL.DESSAM.MASK_THRESHOLD = 0.5
     # On-disk cache of the frozen encoder's embeddings; "" = off (the paper encodes every time).

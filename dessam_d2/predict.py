@@ -94,12 +94,19 @@ def tile_core(starts: List[int], index: int, tile: int, length: int) -> Tuple[in
 class Predictor:
     """A DES-SAM model that segments whole images of any size (tiled when larger than a tile)."""
 
-    def __init__(self, model: torch.nn.Module, tile_size: int = 0, tile_overlap: int = 128):
+    def __init__(
+        self, model: torch.nn.Module, tile_size: int = 0, tile_overlap: Optional[int] = None
+    ):
         self.model = model.eval()
         self.image_size = model.image_size
         self.tile_size = tile_size or self.image_size
+        if tile_overlap is None:  # default: 128 px, at most a quarter of the tile
+            tile_overlap = min(128, self.tile_size // 4)
         if not 0 <= tile_overlap < self.tile_size:
-            raise ValueError(f"tile overlap {tile_overlap} must be in [0, tile size {tile_size})")
+            raise ValueError(
+                f"tile overlap {tile_overlap} must be in [0, tile size {self.tile_size}): "
+                "pass a smaller --tile-overlap or a larger --tile-size"
+            )
         self.tile_overlap = tile_overlap
 
     def _model_input(self, image: np.ndarray) -> Dict:
@@ -351,13 +358,15 @@ def predict_images(
 
 
 def load_model_for_inference(cfg, weights: Optional[str]) -> torch.nn.Module:
-    """Build the model of ``cfg`` and load ``weights`` (a trained DES-SAM checkpoint)."""
-    from detectron2.checkpoint import DetectionCheckpointer
+    """Build the model of ``cfg`` and load ``weights`` (a trained DES-SAM checkpoint), strictly:
+    a missing, truncated or other-config file is a one-line ``CheckpointError``."""
     from detectron2.modeling import build_model
+
+    from .checkpointing import DESSAMCheckpointer
 
     model = build_model(cfg)
     if weights:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"weights {weights} do not exist: pass a trained model_*.pth")
-        DetectionCheckpointer(model).load(weights)
+        DESSAMCheckpointer(model).load(weights)
     return model.eval()

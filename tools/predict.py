@@ -34,8 +34,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--tile-overlap",
         type=int,
-        default=128,
-        help="overlap of tiles, larger than the largest nucleus",
+        default=None,
+        help="overlap of tiles, larger than the largest nucleus (default: 128, at most tile/4)",
     )
     p.add_argument("--overwrite", action="store_true", help="redo images already predicted")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")

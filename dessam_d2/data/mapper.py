@@ -78,13 +78,22 @@ class DESSAMDatasetMapper:
         }
 
     def _boxes(self, annotations: List[Dict]) -> np.ndarray:
-        """N x 4 XYXY_ABS boxes of the non-crowd annotations (segmentation is never touched)."""
+        """N x 4 XYXY_ABS boxes of the non-crowd annotations (segmentation is never touched).
+
+        A box of zero or negative size becomes NaN, to be dropped (and counted) with the boxes
+        that clipping leaves smaller than 1 px: ``Transform.apply_box`` takes the extent of the
+        corners, which would turn a negative-size box into a valid, flipped one.
+        """
         boxes = [
             BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
             for a in annotations
             if a.get("iscrowd", 0) == 0
         ]
-        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        with np.errstate(invalid="ignore"):
+            positive = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes[~positive] = np.nan
+        return boxes
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         # copy everything except the annotations: masks must not even be copied in training
@@ -115,10 +124,12 @@ class DESSAMDatasetMapper:
         boxes = boxes.copy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-        valid = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+        with np.errstate(invalid="ignore"):  # NaN: not finite, or of zero or negative size
+            valid = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
         if not valid.all():
             logger.warning(
-                "%s: dropped %d box(es) smaller than 1 px after clipping to the image",
+                "%s: dropped %d box(es) of zero or negative size, not finite, or smaller than "
+                "1 px after clipping to the image",
                 file_name,
                 int((~valid).sum()),
             )

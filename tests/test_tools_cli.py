@@ -1,0 +1,71 @@
+"""The user-facing commands, run as a user would, on a tiny random-weight model."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from dessam_d2.data.synthetic import generate_synthetic_dataset
+from dessam_d2.engine import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = ["MODEL.SAM.IMAGE_SIZE", "128", "TEST.DETECTIONS_PER_IMAGE", "10"]
+
+
+@pytest.fixture(scope="module")
+def weights_and_images(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = build_model(load_config("configs/dessam_demo.yaml", OVERRIDES))
+    DetectionCheckpointer(model, save_dir=str(tmp)).save("tiny")
+    json_file = generate_synthetic_dataset(str(tmp / "data"), 2, image_size=(96, 160), seed=4)
+    return tmp / "tiny.pth", tmp / "data", json_file
+
+
+def run(tool, args):
+    cmd = [sys.executable, f"tools/{tool}", "--config-file", "configs/dessam_demo.yaml"] + args
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_predict_command_writes_every_output(weights_and_images, tmp_path):
+    weights, data, _ = weights_and_images
+    proc = run(
+        "predict.py",
+        ["--weights", str(weights), "--input", str(data / "images"), "--output", str(tmp_path)]
+        + OVERRIDES,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stem in ("00000", "00001"):
+        for suffix in ("_labels.png", "_overlay.png", "_nuclei.csv", ".geojson"):
+            assert (tmp_path / f"{stem}{suffix}").is_file()
+    assert len(json.load(open(tmp_path / "predictions_images.json"))) == 2
+    assert re.search(r"images predicted\s+2\n", proc.stdout)
+
+
+def test_boxes_to_masks_command(weights_and_images, tmp_path):
+    weights, data, json_file = weights_and_images
+    out = tmp_path / "masks.json"
+    args = ["--annotations", json_file, "--image-root", str(data / "images"), "--output", str(out)]
+    proc = run("boxes_to_masks.py", args + ["--weights", str(weights), "--student"] + OVERRIDES)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n_boxes = len(json.load(open(json_file))["annotations"])
+    assert len(json.load(open(out))["annotations"]) == n_boxes
+
+
+def test_missing_weights_is_one_line(weights_and_images, tmp_path):
+    _, data, _ = weights_and_images
+    proc = run(
+        "predict.py",
+        ["--weights", str(tmp_path / "none.pth"), "--input", str(data / "images")]
+        + ["--output", str(tmp_path)],
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: weights {tmp_path / 'none.pth'} do not exist: pass a trained model_*.pth"
+    )
