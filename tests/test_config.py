@@ -1,4 +1,4 @@
-"""Every config file loads on top of add_dessam_config, with the paper's defaults where unchanged."""
+"""Every config file loads on top of add_dessam_config; unchanged keys keep the paper defaults."""
 
 import glob
 

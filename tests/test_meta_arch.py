@@ -9,6 +9,7 @@ from detectron2.structures import BitMasks
 from detectron2.utils.events import EventStorage
 
 from dessam_d2.modeling.meta_arch import DESSAM
+from dessam_d2.modeling.prompt_mask_head import box_masks_like
 
 EXPECTED_LOSSES = {
     "loss_rpn_cls",
@@ -188,3 +189,26 @@ def test_an_oversized_input_is_a_clear_error(cfg):
     model = build(cfg).eval()
     with pytest.raises(ValueError, match="longest side <= 256"):
         model([{"image": torch.zeros(3, 300, 10, dtype=torch.uint8), "file_name": "x.png"}])
+
+
+def test_each_roi_loss_reads_its_own_mask(cfg, monkeypatch):
+    """The edge-aware loss crops box k from mask k (not from the image's first mask)."""
+    head = build(cfg).roi_heads.mask_head
+    boxes = torch.tensor([[16.0, 16.0, 80.0, 80.0], [144.0, 144.0, 208.0, 208.0]])
+
+    def box_logits(embedding, b, student):
+        # Mask k: +20 inside box k, -20 elsewhere; mask 0 is also +20 on the left half of box 1,
+        # so box 1's crop has an edge if (and only if) it is read from the wrong mask.
+        masks = box_masks_like(torch.zeros(len(b), 1, 64, 64), b / 4)
+        masks[0, :, 36:52, 36:44] = 1
+        return (masks * 40 - 20).detach()
+
+    monkeypatch.setattr(head, "decode", box_logits)
+    from conftest import make_instances
+
+    inst = make_instances(boxes.tolist(), (256, 256))
+    inst.proposal_boxes = inst.gt_boxes.clone()
+    losses = head.losses(torch.zeros(1, 256, 16, 16), torch.full((1, 3, 256, 256), 128.0), [inst])
+    # Only bilinear sampling at the crops' borders is left (the wrong mask gives > 1).
+    assert losses["loss_local_pairwise"].item() < 0.01
+    assert losses["loss_distill_dice"].item() == pytest.approx(0.0, abs=1e-3)

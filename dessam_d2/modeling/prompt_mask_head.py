@@ -265,12 +265,14 @@ class SAMPromptMaskHead(nn.Module):
         student = torch.cat(student_logits)  # R x 1 x m x m
         teacher = torch.cat(teacher_logits)
         boxes = torch.cat(gt_boxes)
+        # RoIs into the images (batch index = image) and into the masks (one mask per RoI).
         rois = torch.cat([torch.cat(image_ids)[:, None].to(boxes.dtype), boxes], dim=1)
+        own = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None]
 
         if self.distill_region == "box":
             # Around each box only (x1.5): nucleus and background pixels in balance.
             centre, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) * 0.75
-            around = torch.cat([rois[:, :1], centre - half, centre + half], dim=1)
+            around = torch.cat([own, centre - half, centre + half], dim=1)
             scale = student.shape[-1] / self.image_size
             s_crop = roi_align(student, around, 32, spatial_scale=scale, aligned=True)
             t_crop = roi_align(teacher, around, 32, spatial_scale=scale, aligned=True)
@@ -282,7 +284,7 @@ class SAMPromptMaskHead(nn.Module):
         # Edge-aware loss on the ground-truth box's crop (the only region boxes tell about).
         crop = self.edge_crop_size
         scale = student.shape[-1] / self.image_size
-        crop_logits = roi_align(student, rois, crop, spatial_scale=scale, aligned=True)
+        crop_logits = roi_align(student, torch.cat([own, boxes], 1), crop, scale, aligned=True)
         crop_rgb = roi_align(images.to(student.dtype), rois, crop, aligned=True)
         lab = rgb_to_lab(crop_rgb)
         sim = color_similarity(lab, self.pairwise_size, self.pairwise_dilation)
