@@ -188,6 +188,11 @@ class LossLogHook(HookBase):
         if comm.is_main_process():
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             self._file = open(self.path, "a")
+            if self._file.tell() > 0:
+                with open(self.path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":  # a line cut by a kill: end it
+                        self._file.write("\n")
 
     def after_step(self):
         if self._file is None:
@@ -246,7 +251,7 @@ class Trainer(DefaultTrainer):
             self.checkpointer.remove_stale_temp_files()
         super().resume_or_load(resume=resume)
         # The data loader's iterator (and its workers) is created at the first step, after this.
-        self.train_sampler.start_iter = 0
+        self.train_sampler.start_iter = self.start_iter
 
     def run_step(self):
         try:
@@ -295,6 +300,11 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
         """Detectron2's train loader over a ``ResumableTrainingSampler`` (see data/samplers.py)."""
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            raise ConfigError(
+                f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN!r}: DES-SAM trains with "
+                "'TrainingSampler' (a stream that --resume continues exactly)"
+            )
         try:
             dicts = get_detection_dataset_dicts(
                 cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS

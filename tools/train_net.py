@@ -3,12 +3,17 @@
 
 python tools/train_net.py --config-file configs/dessam_clusterseg.yaml
 python tools/train_net.py --config-file configs/dessam_clusterseg.yaml --num-gpus 2
+python tools/train_net.py --config-file ... --resume          # after an interruption
+python tools/train_net.py --config-file ... --deterministic SEED 1   # repeatable losses
 python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
 """
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, launch
+import sys
 
+from detectron2.engine import default_argument_parser, launch
+from torch.multiprocessing import ProcessExitedException
+
+from dessam_d2.checkpointing import DESSAMCheckpointer
 from dessam_d2.cli import run_cli
 from dessam_d2.engine import Trainer, setup
 
@@ -17,7 +22,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        DESSAMCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
@@ -30,13 +35,29 @@ def cli_main(args):
     run_cli(main, args)
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    launch(
-        cli_main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
+def parse_args(argv=None):
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms (needs SEED >= 0): repeatable losses, exact resumes",
     )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        launch(
+            cli_main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except ProcessExitedException as e:
+        if e.exit_code is not None and e.exit_code > 0:
+            sys.exit(e.exit_code)  # the rank printed its one-line error before exiting
+        print(f"error: {e}", file=sys.stderr)  # e.g. a rank killed by a signal
+        sys.exit(1)

@@ -13,9 +13,11 @@ grouping would save no padding anyway).
 """
 
 import itertools
+import random
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
+import torch
 from detectron2.data.common import MapDataset
 from detectron2.data.samplers import TrainingSampler
 from detectron2.utils.env import seed_all_rng
@@ -59,9 +61,17 @@ class ResumableTrainingSampler(TrainingSampler):
 
 
 class SeededMapDataset(MapDataset):
-    """``MapDataset`` indexed by (item seed, index): RNGs are seeded before the mapper runs."""
+    """``MapDataset`` indexed by (item seed, index): the mapper runs with python/numpy/torch
+    seeded from the item seed, and the caller's RNG states are restored afterwards (with
+    ``NUM_WORKERS`` 0 the caller is the training step, whose draws must not depend on it)."""
 
     def __getitem__(self, key: Tuple[int, int]):
         item_seed, index = key
-        seed_all_rng(item_seed)
-        return super().__getitem__(index)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            seed_all_rng(item_seed)
+            try:
+                return super().__getitem__(index)
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
