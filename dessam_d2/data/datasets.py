@@ -19,6 +19,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from tabulate import tabulate
 
+from ..checkpointing import atomic_open
+
 __all__ = [
     "BUILTIN_DATASETS",
     "NUCLEUS_CLASSES",
@@ -172,20 +174,14 @@ def _temp_path(path: str) -> str:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the data set from other users
     return tmp
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write to a temporary name in the same folder, then rename: never a half-written file."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str, obj: Dict) -> None:
