@@ -64,6 +64,9 @@ def add_dessam_config(cfg: CN) -> None:
     # Where L_distill is computed: "frame" (the paper: all 256x256 low-res logits) or "box"
     # (a 32x32 crop around each box, 1.5x its size: balanced, for the demo's short training).
     _C.MODEL.DESSAM.DISTILL_REGION = "frame"
+    # Cut each predicted mask to its box (+10 %). Off in the paper (SAM keeps to its prompt box);
+    # on in the demo, whose decoder is trained from scratch and never learns to stay in the box.
+    _C.MODEL.DESSAM.CLIP_MASKS_TO_BOX = False
     # A pixel is nucleus where the student's mask probability exceeds this.
     _C.MODEL.DESSAM.MASK_THRESHOLD = 0.5
     # On-disk cache of the frozen encoder's embeddings; "" = off (the paper encodes every time).

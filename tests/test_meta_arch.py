@@ -212,3 +212,20 @@ def test_each_roi_loss_reads_its_own_mask(cfg, monkeypatch):
     # Only bilinear sampling at the crops' borders is left (the wrong mask gives > 1).
     assert losses["loss_local_pairwise"].item() < 0.01
     assert losses["loss_distill_dice"].item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_masks_can_be_cut_to_their_boxes(cfg):
+    from conftest import synthetic_input
+
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.MODEL.DESSAM.CLIP_MASKS_TO_BOX = True
+    inp = synthetic_input(0)
+    del inp["instances"]
+    inst = build(cfg).eval()([inp])[0]["instances"]
+    assert len(inst) > 0
+    for mask, box in zip(inst.pred_masks, inst.pred_boxes.tensor):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        grow = (box[2:] - box[:2]) * 0.1 + 1
+        if len(xs):
+            assert xs.min() + 0.5 >= box[0] - grow[0] and xs.max() + 0.5 <= box[2] + grow[0]
+            assert ys.min() + 0.5 >= box[1] - grow[1] and ys.max() + 0.5 <= box[3] + grow[1]
