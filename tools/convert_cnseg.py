@@ -26,16 +26,7 @@ def main(argv=None) -> int:
     except (CNSegLayoutError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(report.table())
-    print("\n".join(["written:"] + report.json_files))
-    if not any(s.images for s in report.subsets):
-        print(
-            f"error: no image of {args.input} could be converted (reasons in the table above): "
-            "the data sets are empty",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return report.print_summary(args.input)
 
 
 if __name__ == "__main__":

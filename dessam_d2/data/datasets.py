@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -230,6 +231,19 @@ class SubsetReport:
 class ConversionReport:
     subsets: List[SubsetReport] = field(default_factory=list)
     json_files: List[str] = field(default_factory=list)
+
+    def print_summary(self, source: str) -> int:
+        """Print the table and the files written; the exit status of a converter (1: nothing)."""
+        print(self.table())
+        print("\n".join(["written:"] + self.json_files))
+        if not any(s.images for s in self.subsets):
+            print(
+                f"error: no image of {source} could be converted (reasons in the table above): "
+                "the data sets are empty",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
 
     def table(self) -> str:
         """A summary row per subset (and a total), then one row per (subset, skip reason)."""
