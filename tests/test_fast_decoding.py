@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dessam_d2.modeling import fast_decoder
 from dessam_d2.modeling.fast_decoder import SharedImageDecoder
 from dessam_d2.modeling.prompt_mask_head import SAMPromptMaskHead, build_sam_prompt_modules
 
@@ -100,7 +101,9 @@ def test_gradients_equal_segment_anything(freeze):
     assert grads[0][id(fast.learnable_tokens)].abs().sum() > 0
 
 
-def test_recomputed_upscaling_gives_the_same_gradients():
+@pytest.mark.parametrize("tile_tokens", [64, 1024])
+def test_recomputed_upscaling_gives_the_same_gradients(tile_tokens, monkeypatch):
+    monkeypatch.setattr(fast_decoder, "UPSCALE_TILE_TOKENS", tile_tokens)
     fast, _ = make_heads()
     emb, boxes = inputs(n=4)
     _, dense = fast.prompt_encoder(points=None, boxes=boxes, masks=None)
@@ -116,8 +119,10 @@ def test_recomputed_upscaling_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
-def test_segment_anything_upscaling_modules_give_the_same_masks():
+@pytest.mark.parametrize("tile_tokens", [64, 1024])  # 4 tiles per prompt; 4 prompts per tile
+def test_segment_anything_upscaling_modules_give_the_same_masks(tile_tokens, monkeypatch):
     """The tile-wise matrix-product upscaling equals calling output_upscaling itself."""
+    monkeypatch.setattr(fast_decoder, "UPSCALE_TILE_TOKENS", tile_tokens)
     fast, _ = make_heads()
     emb, boxes = inputs()
     sparse, dense = fast.prompt_encoder(points=None, boxes=boxes, masks=None)

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """CPU cost of DES-SAM (ViT-B, random weights, 1024^2 input) in one run.
 
-    python tools/benchmark.py            # median of 3 after a warm-up, ~10 min on 2 idle cores
+    python tools/benchmark.py            # median of 3 after a warm-up, ~9 min on 2 idle cores
     python tools/benchmark.py --quick    # 1 timed run after the warm-up, ~4 min on 2 idle cores
 
 Phases: encoder forward; a training step (forward, backward, SGD step; 50 nuclei) without and
 with the embedding cache; inference per image (encoder + detector + decoder + postprocessing)
 with 10, 100 and 500 nuclei (score threshold 0, NMS off, DETECTIONS_PER_IMAGE = N, so the
-detector keeps exactly N boxes); SAM's decoder alone in ms per nucleus (segment-anything's
-MaskDecoder, this package's shared-work decoder in float32 and bfloat16).
+detector keeps exactly N boxes), and with 100 and 500 again with the decoder in bfloat16; SAM's
+decoder alone in ms per nucleus (segment-anything's MaskDecoder, this package's shared-work
+decoder in float32 and bfloat16) and where its time goes.
 
 Each phase runs in a fresh process and reports its peak RSS (``ru_maxrss``: model building
 included, since a fresh process is the only clean way to get a phase's peak). Prints a table and,
@@ -238,11 +239,17 @@ def phase_infer(args):
             kept.append(len(model([inp])[0]["instances"]))
         return dict(timers.total)
 
+    head = model.roi_heads.mask_head
     model.roi_heads.box_predictor.test_topk_per_image = sizes[0]
     run()  # warm-up
     out = {}
-    for n in sizes:
+    runs = [(n, "float32") for n in sizes]
+    # The decoder in bfloat16 (MODEL.DESSAM.DECODER_INFERENCE_DTYPE) after the float32 runs,
+    # so that the peak RSS readings above stay those of the default.
+    runs += [(n, "bfloat16") for n in sizes if n >= 100]
+    for n, dtype in runs:
         model.roi_heads.box_predictor.test_topk_per_image = n
+        head.inference_dtype = dtype
         times, extras = [], []
         for _ in range(args.repeats):
             t = time.perf_counter()
@@ -250,10 +257,12 @@ def phase_infer(args):
             times.append(time.perf_counter() - t)
             if kept[-1] != n:
                 raise RuntimeError(f"the detector kept {kept[-1]} boxes, not {n}")
-        out[f"infer_{n}_s"] = statistics.median(times)
+        name = f"infer_{n}" + ("_bf16" if dtype == "bfloat16" else "")
+        out[name + "_s"] = statistics.median(times)
         parts = ("encoder", "decoder", "postprocess")
-        out[f"infer_{n}_parts"] = {k: median_of(extras, k) for k in parts}
-        out[f"peak_rss_infer_{n}_gb"] = peak_rss_gb()
+        out[name + "_parts"] = {k: median_of(extras, k) for k in parts}
+        if dtype == "float32":
+            out[f"peak_rss_infer_{n}_gb"] = peak_rss_gb()
     return out
 
 
@@ -430,6 +439,8 @@ def main_parent(args):
         "infer_10_s": inf["infer_10_s"],
         "infer_100_s": inf["infer_100_s"],
         "infer_500_s": inf["infer_500_s"],
+        "infer_100_bf16_s": inf["infer_100_bf16_s"],
+        "infer_500_bf16_s": inf["infer_500_bf16_s"],
         "decoder_ms_per_nucleus": dec["decoder_fast_fp32_ms_per_nucleus"],
         "decoder_bf16_ms_per_nucleus": dec["decoder_fast_bf16_ms_per_nucleus"],
         "decoder_reference_ms_per_nucleus": dec["decoder_reference_ms_per_nucleus"],
@@ -444,6 +455,8 @@ def main_parent(args):
     r["train_step_uncached_ratio"] = r["train_step_uncached_s"] / e
     for n in (10, 100, 500):
         r[f"infer_{n}_ratio"] = r[f"infer_{n}_s"] / e
+    for n in (100, 500):
+        r[f"infer_{n}_bf16_ratio"] = r[f"infer_{n}_bf16_s"] / e
     r["peak_rss_infer_500_ratio"] = r["peak_rss_infer_500_gb"] / r["peak_rss_encoder_gb"]
     r["fp16_cache_loss_rel_change"] = relative_changes(unc["first_losses"], cac["first_losses"])
     r["cache"] = cac["cache"]
@@ -479,6 +492,11 @@ def print_report(args, r, unc, cac, inf, dec):
         p = PROTOTYPE.get(proto_key)
         proto = f"{p:.1f} ({p / PROTOTYPE['encoder_s']:.1f}x)" if p else "-"
         print(f"| {name} | {seconds:.2f} | {seconds / e:.2f} | {rss:.2f} | {proto} |")
+    for n in (100, 500):
+        seconds = r[f"infer_{n}_bf16_s"]
+        print(
+            f"| inference, {n} nuclei, bfloat16 decoder | {seconds:.2f} | {seconds / e:.2f} | | - |"
+        )
     print(
         f"| SAM decoder, ms per nucleus | {r['decoder_ms_per_nucleus']:.1f} | | | "
         f"{PROTOTYPE['decoder_ms_per_nucleus']:.0f} |"
@@ -491,11 +509,11 @@ def print_report(args, r, unc, cac, inf, dec):
                 parts.append(f"{name} {k[:-2]} {d[k]:.2f}")
     prompts = f"teacher {cac['teacher_prompts']}, student {cac['student_prompts']}"
     print(f"Training step parts (s): {', '.join(parts)}; prompts: {prompts}")
-    for n in (10, 100, 500):
-        p = inf[f"infer_{n}_parts"]
-        rest = r[f"infer_{n}_s"] - sum(v for v in p.values() if v)
+    for name in ("infer_10", "infer_100", "infer_500", "infer_100_bf16", "infer_500_bf16"):
+        p = inf[f"{name}_parts"]
+        rest = r[f"{name}_s"] - sum(v for v in p.values() if v)
         text = ", ".join(f"{k} {v:.2f}" for k, v in p.items() if v is not None)
-        print(f"Inference {n} parts (s): {text}, detector and rest {rest:.2f}")
+        print(f"{name} parts (s): {text}, detector and rest {rest:.2f}")
     speeds = [
         f"{k[len('decoder_') : -len('_ms_per_nucleus')]} {v:.1f}"
         for k, v in dec.items()

@@ -39,6 +39,11 @@ from segment_anything.modeling.transformer import Attention
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+# Image tokens that go through the transformer in one pass (as many prompts as fit, at least
+# one): a prompt's tokens at ViT-B shapes (4096 x 256 float32, 4 MB) then stay in the CPU cache
+# through the whole transformer. Measured fastest here: 1 prompt per pass in float32 (17.5 vs
+# 20 ms per prompt for 2 or 4, 2 threads); 4 in bfloat16 (7.0 vs 9.7 for 1), hence x4 there.
+PASS_TOKENS = 4096
 # Image tokens per tile of the output upscaling: 1024 tokens x 64 channels x 4 sub-pixels of
 # float32 (1 MB) stays in a core's L2 cache; measured fastest here among 256..4096.
 UPSCALE_TILE_TOKENS = 1024
@@ -163,8 +168,8 @@ class SharedImageDecoder:
     multimask_output=False)[0]`` with the dense embedding of "no mask" (1 x C x h x w, the same
     for every prompt).
 
-    ``prompts_per_pass``: prompts that go through the transformer together (None: 1 in float32,
-    4 under bfloat16 autocast, the fastest here; outputs do not depend on it).
+    ``prompts_per_pass``: prompts that go through the transformer together (None: as many as
+    make ``PASS_TOKENS`` image tokens, x4 under bfloat16 autocast; outputs do not depend on it).
     ``checkpoint_upscaling``: with autograd on, recompute each prompt's upscaling in the backward
     pass instead of keeping its activations.
     """
@@ -204,10 +209,8 @@ class SharedImageDecoder:
     def __call__(self, sparse: Tensor) -> Tensor:
         per_pass = self.prompts_per_pass
         if per_pass is None:
-            # Measured fastest on this CPU: a prompt's image tokens (4 MB in float32 at ViT-B
-            # shapes) stay in the cache through the whole transformer when prompts go one at a
-            # time; in bfloat16 a few at a time amortise the per-operation overhead better.
-            per_pass = 4 if torch.is_autocast_enabled(sparse.device.type) else 1
+            tokens = PASS_TOKENS * (4 if torch.is_autocast_enabled(sparse.device.type) else 1)
+            per_pass = max(1, tokens // (self.h * self.w))
         return torch.cat([self._decode(s) for s in sparse.split(per_pass)])
 
     def _decode(self, sparse: Tensor) -> Tensor:
@@ -276,42 +279,46 @@ class SharedImageDecoder:
         return self._upscaled_mask(keys, hyper)
 
     def _upscaled_mask(self, keys: Tensor, hyper: Tensor) -> Tensor:
-        """hyper . output_upscaling(keys), prompt by prompt: N x 1 x 4h x 4w.
+        """hyper . output_upscaling(keys), a few prompts at a time: N x 1 x 4h x 4w.
 
-        With autograd on, each prompt's upscaling is recomputed in the backward pass instead of
-        keeping its activations: 24 of the 52 MB a student prompt keeps for the backward pass at
-        ViT-B shapes (80 prompts: peak RSS 5.7 -> 3.7 GB), for one more upscaling per prompt
+        With autograd on, the upscaling is recomputed in the backward pass instead of keeping
+        its activations: 24 of the 52 MB a student prompt keeps for the backward pass at ViT-B
+        shapes (80 prompts: peak RSS 5.7 -> 3.7 GB), for one more upscaling per prompt
         (~10 ms single-threaded, within the noise of the step time here).
         """
-        n = keys.shape[0]
-        if torch.is_grad_enabled() and self.checkpoint_upscaling:
-            masks = [
-                checkpoint(self._upscale_one, x, hy, use_reentrant=False)
-                for x, hy in zip(keys, hyper)
-            ]
-        else:
-            masks = [self._upscale_one(x, hy) for x, hy in zip(keys, hyper)]
+        n, big_l, _ = keys.shape
+        group = max(1, UPSCALE_TILE_TOKENS // big_l)  # prompts per tile if a prompt is smaller
+        pieces = []
+        for x, hy in zip(keys.split(group), hyper.split(group)):
+            if torch.is_grad_enabled() and self.checkpoint_upscaling:
+                pieces.append(checkpoint(self._upscale_group, x, hy, use_reentrant=False))
+            else:
+                pieces.append(self._upscale_group(x, hy))
         # token (y, x), first sub-pixel (i, j), second (k, l) -> pixel (4y + 2i + k, 4x + 2j + l)
-        m = torch.stack(masks).view(n, self.h, self.w, 2, 2, 2, 2)
+        m = torch.cat(pieces).view(n, self.h, self.w, 2, 2, 2, 2)
         return m.permute(0, 1, 3, 5, 2, 4, 6).reshape(n, 1, 4 * self.h, 4 * self.w)
 
-    def _upscale_one(self, x: Tensor, hyper: Tensor) -> Tensor:
-        """One prompt's L x C image tokens and 1 x C/8 hypernetwork output -> L * 16 logits.
+    def _upscale_group(self, x: Tensor, hyper: Tensor) -> Tensor:
+        """G prompts' G x L x C image tokens and G x 1 x C/8 hypernetwork outputs -> G x 16L
+        logits, 16 per token (its 4 x 4 output pixels); one prompt is cut into tiles."""
+        g, big_l, c = x.shape
+        if g == 1:
+            tiles = [self._upscale_rows(t) @ hyper[0, 0] for t in x[0].split(UPSCALE_TILE_TOKENS)]
+            return torch.cat(tiles)[None]
+        z = self._upscale_rows(x.reshape(g * big_l, c)).view(g, 16 * big_l, -1)
+        return (z @ hyper.transpose(1, 2)).squeeze(2)
+
+    def _upscale_rows(self, rows: Tensor) -> Tensor:
+        """output_upscaling of R image tokens (R x C) -> their 16 R output pixels x C/8.
 
         A 2x2 stride-2 transposed convolution maps each input pixel to its own 2x2 output
         pixels: a product with the weight as C_in x (2 * 2 * C_out), sub-pixels before channels
-        so the LayerNorm2d over channels is a layer norm over the last axis. Tiles of image
-        tokens keep the intermediates in the CPU cache.
+        so the LayerNorm2d over channels is a layer norm over the last axis.
         """
         conv1, norm, act1, conv2, act2 = self.decoder.output_upscaling
         c1, c2 = conv1.out_channels, conv2.out_channels
         w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * c1)
         w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-        b1, b2 = conv1.bias.repeat(4), conv2.bias.repeat(4)
-        tiles = []
-        for xt in x.split(UPSCALE_TILE_TOKENS):
-            y = torch.addmm(b1, xt, w1).view(-1, c1)  # (tile * 4) x c1
-            y = act1(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-            z = act2(torch.addmm(b2, y, w2)).view(-1, c2)  # (tile * 16) x c2
-            tiles.append(z @ hyper[0])
-        return torch.cat(tiles)
+        y = torch.addmm(conv1.bias.repeat(4), rows, w1).view(-1, c1)  # 4R x c1
+        y = act1(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
+        return act2(torch.addmm(conv2.bias.repeat(4), y, w2)).view(-1, c2)  # 16R x c2
