@@ -175,6 +175,35 @@ def test_inference_returns_masks_of_the_original_size_one_per_kept_box(cfg):
         assert inst.pred_boxes.tensor[:, 2].max() <= ow and inst.pred_boxes.tensor[:, 3].max() <= oh
 
 
+def test_pyramid_and_rpn_skip_rows_and_columns_that_are_only_padding(cfg):
+    """Detector features cover the batch's largest image (in whole p5 cells), not SAM's square;
+    the mask head still gets SAM's whole embedding."""
+    from conftest import synthetic_input
+
+    model = build(cfg)
+    seen = {}
+
+    def rpn_input(module, args):
+        seen["rpn"] = {k: tuple(v.shape[-2:]) for k, v in args[1].items() if k.startswith("p")}
+        seen["sam"] = tuple(args[1]["sam_embed"].shape[-2:])
+
+    model.proposal_generator.register_forward_pre_hook(rpn_input)
+    batch = [
+        synthetic_input(0, size=(40, 256), boxes=((2, 2, 30, 30),)),
+        synthetic_input(1, size=(100, 200), boxes=((20, 30, 60, 70),)),
+    ]
+    losses = train_losses(model, batch)  # 256 px square, patch 16: a 16 x 16 embedding
+    assert all(torch.isfinite(v) for v in losses.values())
+    # rows: 100 px -> 4 cells of 32 px -> 8 tokens; columns: 256 px -> 16 tokens
+    assert seen["rpn"] == {"p2": (32, 64), "p3": (16, 32), "p4": (8, 16), "p5": (4, 8)}
+    assert seen["sam"] == (16, 16)
+    model.eval()
+    inp = synthetic_input(2, size=(150, 60), boxes=((2, 2, 30, 30),))
+    del inp["instances"]
+    model([inp])
+    assert seen["rpn"]["p4"] == (10, 4) and seen["sam"] == (16, 16)
+
+
 def test_inference_caps_detections_per_image(cfg):
     from conftest import synthetic_input
 

@@ -191,13 +191,30 @@ class DESSAM(nn.Module):
             )
         return self._fingerprint
 
+    def crop_to_images(self, embeddings: torch.Tensor, images: ImageList) -> torch.Tensor:
+        """The embeddings without the rows and columns that only cover padding in every image of
+        the batch, rounded up to whole cells of the coarsest pyramid level.
+
+        SAM needs its whole square (its encoder's position embeddings and windows, and the mask
+        decoder's attention, are over all S/p x S/p tokens), but the pyramid, RPN and RoI heads
+        need not look at padding: a 1024 x 768 image saves a quarter of their work, and no
+        anchor is placed beyond the image. Bottom/right crops keep every coordinate unchanged.
+        """
+        patch = self.image_encoder.encoder.patch_embed.proj.stride[0]
+        cell = 2 * patch  # the stride of p5 (scale 0.5): its pooling must see whole cells
+        h = max(s[0] for s in images.image_sizes)
+        w = max(s[1] for s in images.image_sizes)
+        rows = min(embeddings.shape[-2], -(-h // cell) * 2)
+        cols = min(embeddings.shape[-1], -(-w // cell) * 2)
+        return embeddings[..., :rows, :cols]
+
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
             return self.inference(batched_inputs)
         images, raw = self.preprocess_image(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         embeddings = self.image_embeddings(images, batched_inputs)
-        features = self.backbone(embeddings)
+        features = self.backbone(self.crop_to_images(embeddings, images))
         features.update(sam_embed=embeddings, image=raw)
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
         _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
@@ -211,7 +228,7 @@ class DESSAM(nn.Module):
         """Detect nuclei, then segment each with the student decoder."""
         images, _ = self.preprocess_image(batched_inputs)
         embeddings = self.image_embeddings(images, batched_inputs)
-        features = self.backbone(embeddings)
+        features = self.backbone(self.crop_to_images(embeddings, images))
         features.update(sam_embed=embeddings, image=None)
         proposals, _ = self.proposal_generator(images, features, None)
         results, _ = self.roi_heads(images, features, proposals, None)

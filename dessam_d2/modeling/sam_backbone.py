@@ -43,9 +43,10 @@ class SAMImageEncoder(Backbone):
     """SAM's ``ImageEncoderViT`` as a Backbone with one output, ``"sam_embed"`` (stride = patch).
 
     The forward takes either padded, normalised images (B x 3 x S x S) or embeddings the encoder
-    already produced (B x C x S/p x S/p, e.g. from the embedding cache): the 3-channel input is
-    unambiguous because C (256) is never 3. So Detectron2's SimpleFeaturePyramid wraps the real
-    encoder while the meta-architecture decides when the encoder runs.
+    already produced (B x C x S/p x S/p, e.g. from the embedding cache, possibly cropped to the
+    images' extent): the 3-channel input is unambiguous because C (256) is never 3. So
+    Detectron2's SimpleFeaturePyramid wraps the real encoder while the meta-architecture decides
+    when the encoder runs.
     """
 
     def __init__(
@@ -113,7 +114,7 @@ class SAMImageEncoder(Backbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.shape[1] == 3:
             x = self.encode(x)
-        elif x.shape[1:] != (self.out_chans, self.embed_size, self.embed_size):
+        elif x.dim() != 4 or x.shape[1] != self.out_chans or max(x.shape[-2:]) > self.embed_size:
             raise ValueError(f"expected images or SAM embeddings, got a tensor of {tuple(x.shape)}")
         return {"sam_embed": x}
 
