@@ -1,6 +1,8 @@
 """What the command-line tools share: user errors end in one line and a non-zero exit."""
 
 import logging
+import os
+import platform
 import sys
 from typing import Callable, Iterable
 
@@ -63,3 +65,31 @@ def run_cli(main: Callable, *args):
         logging.getLogger("dessam_d2").debug("user error", exc_info=True)
         print(f"error: {one_line_message(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+# glibc's malloc hands every block above its mmap threshold (at most 32 MB) straight back to the
+# kernel when it is freed, so each SAM encoder forward maps and page-faults its large temporaries
+# (the global-attention maps alone are 12 x 4096 x 4096 floats) afresh. Serving them from the
+# heap and never trimming it halves the ViT-B encoder forward on this 2-core CPU (about 11 ->
+# 5.6 s; see tools/benchmark.py) for about 1 GB more peak RSS. glibc reads these variables only
+# at start-up, hence the re-exec.
+GLIBC_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+MALLOC_TUNING_SWITCH = "DESSAM_MALLOC_TUNING"
+
+
+def tune_malloc() -> None:
+    """Re-run this process with ``GLIBC_MALLOC_ENV`` set, once, on glibc systems.
+
+    Nothing happens when ``DESSAM_MALLOC_TUNING=0``, when the user set either variable, or off
+    glibc; the re-run sets ``DESSAM_MALLOC_TUNING=1``, so there is never a second re-exec. Call
+    it first thing in a tool's ``__main__`` block (after parsing arguments: ``--help`` and usage
+    errors then stay instant).
+    """
+    if os.environ.get(MALLOC_TUNING_SWITCH) in ("0", "1"):
+        return
+    if any(k in os.environ for k in GLIBC_MALLOC_ENV) or platform.libc_ver()[0] != "glibc":
+        return
+    env = {**os.environ, **GLIBC_MALLOC_ENV, MALLOC_TUNING_SWITCH: "1"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

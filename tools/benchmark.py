@@ -14,6 +14,9 @@ decoder in float32 and bfloat16) and where its time goes.
 Each phase runs in a fresh process and reports its peak RSS (``ru_maxrss``: model building
 included, since a fresh process is the only clean way to get a phase's peak). Prints a table and,
 as its last line, one JSON object with the figures and their ratios to the encoder's.
+
+Like the other tools it runs with glibc's malloc tuned (``dessam_d2.cli.tune_malloc``);
+``DESSAM_MALLOC_TUNING=0 python tools/benchmark.py`` measures with the default allocator.
 """
 
 import argparse
@@ -29,6 +32,8 @@ import time
 from collections import defaultdict
 
 import torch
+
+from dessam_d2.cli import GLIBC_MALLOC_ENV, tune_malloc
 
 # Figures of the straightforward prototype on this machine (../shared/docs/INSTALL.md).
 PROTOTYPE = {
@@ -461,6 +466,8 @@ def main_parent(args):
     r["fp16_cache_loss_rel_change"] = relative_changes(unc["first_losses"], cac["first_losses"])
     r["cache"] = cac["cache"]
     r["threads"] = args.threads
+    tuned = all(os.environ.get(k) == v for k, v in GLIBC_MALLOC_ENV.items())
+    r["malloc"] = "tuned (dessam_d2.cli.tune_malloc)" if tuned else "default"
     r["repeats"] = args.repeats
     r["wall_s"] = time.perf_counter() - t0
 
@@ -473,7 +480,8 @@ def print_report(args, r, unc, cac, inf, dec):
     e = r["encoder_s"]
     print(
         f"DES-SAM CPU benchmark: ViT-B random weights, 1024^2, {args.threads} threads, "
-        f"median of {args.repeats} after a warm-up; load average {os.getloadavg()[0]:.1f}"
+        f"median of {args.repeats} after a warm-up; load average {os.getloadavg()[0]:.1f}; "
+        f"malloc {r['malloc']}"
     )
     header = ["phase", "seconds", "x encoder", "peak RSS GB", "prototype s (x enc)"]
     print("| " + " | ".join(header) + " |")
@@ -566,6 +574,7 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
+    tune_malloc()  # phases inherit the environment: DESSAM_MALLOC_TUNING=0 measures without
     if args.phase:
         run_phase(args)
     else:

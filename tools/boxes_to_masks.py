@@ -13,7 +13,7 @@ import logging
 import sys
 
 from dessam_d2.annotate import boxes_to_masks
-from dessam_d2.cli import run_cli
+from dessam_d2.cli import run_cli, tune_malloc
 from dessam_d2.engine import load_config
 from dessam_d2.predict import Predictor, load_model_for_inference
 
@@ -51,4 +51,6 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parse_args()))
+    args = parse_args()
+    tune_malloc()
+    sys.exit(run_cli(main, args))

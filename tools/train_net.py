@@ -14,7 +14,7 @@ from detectron2.engine import default_argument_parser, launch
 from torch.multiprocessing import ProcessExitedException
 
 from dessam_d2.checkpointing import DESSAMCheckpointer
-from dessam_d2.cli import run_cli
+from dessam_d2.cli import run_cli, tune_malloc
 from dessam_d2.engine import Trainer, setup
 
 
@@ -47,6 +47,7 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
+    tune_malloc()
     try:
         launch(
             cli_main,

@@ -68,7 +68,8 @@ def color_similarity(lab: torch.Tensor, size: int = 3, dilation: int = 2) -> tor
     Neighbours outside the crop get similarity 0, so they never count as an edge.
     """
     neigh, inside = _neighbours(lab, size, dilation)
-    dist = (lab.unsqueeze(2) - neigh).norm(dim=1)
+    diff = lab.unsqueeze(2) - neigh
+    dist = (diff * diff).sum(dim=1).sqrt()  # the norm over channels; .norm(dim=1) is slower
     return torch.exp(-dist * 0.5) * inside[:, 0]
 
 
