@@ -200,12 +200,13 @@ class DESSAM(nn.Module):
         need not look at padding: a 1024 x 768 image saves a quarter of their work, and no
         anchor is placed beyond the image. Bottom/right crops keep every coordinate unchanged.
         """
-        patch = self.image_encoder.encoder.patch_embed.proj.stride[0]
-        cell = 2 * patch  # the stride of p5 (scale 0.5): its pooling must see whole cells
+        patch = self.image_encoder.output_shape()["sam_embed"].stride
+        # px of the coarsest pyramid level: its pooling must see whole cells
+        cell = max(s.stride for s in self.backbone.output_shape().values())
         h = max(s[0] for s in images.image_sizes)
         w = max(s[1] for s in images.image_sizes)
-        rows = min(embeddings.shape[-2], -(-h // cell) * 2)
-        cols = min(embeddings.shape[-1], -(-w // cell) * 2)
+        rows = min(embeddings.shape[-2], -(-h // cell) * cell // patch)
+        cols = min(embeddings.shape[-1], -(-w // cell) * cell // patch)
         return embeddings[..., :rows, :cols]
 
     def forward(self, batched_inputs: List[Dict]):
