@@ -49,17 +49,13 @@ PHASES = ["encoder", "train_uncached", "train_cached", "infer", "decoder"]
 
 
 def build_cfg(args, **overrides):
-    from detectron2.config import get_cfg
+    from dessam_d2.engine import load_config
 
-    from dessam_d2 import add_dessam_config
-
-    cfg = get_cfg()
-    add_dessam_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.SAM.CHECKPOINT = ""  # random weights: no checkpoint can be downloaded here
+    # random weights: no checkpoint can be downloaded here
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.SAM.CHECKPOINT", ""]
     for k, v in overrides.items():
-        cfg.merge_from_list([k, v])
+        opts += [k, v]
+    cfg = load_config(args.config_file, opts)
     cfg.freeze()
     return cfg
 
