@@ -96,3 +96,9 @@ def add_dessam_config(cfg: CN) -> None:
     # With EPOCHS > 0: checkpoint every N epochs, evaluate every N epochs (0 = only at the end).
     _C.SOLVER.CHECKPOINT_EPOCHS = 5
     _C.TEST.EVAL_EPOCHS = 0
+
+    # Evaluation protocol (per test set)
+    # Box score threshold of each DATASETS.TEST entry, in the same order (the release scores the
+    # ClusterSeg model at 0.55 in-domain, 0.05 on TargetA / TargetB / ISBI 2014); () = use
+    # MODEL.ROI_HEADS.SCORE_THRESH_TEST for every test set.
+    _C.DATASETS.TEST_SCORE_THRESH = ()
