@@ -37,6 +37,7 @@ from tqdm import tqdm
 from .data.datasets import atomic_write_bytes, atomic_write_json
 from .data.image_io import ImageReadError, read_image_rgb
 from .evaluation.metrics import masks_to_label_map
+from .outlines import Polygon, mask_polygons, nucleus_feature
 
 logger = logging.getLogger(__name__)
 
@@ -199,43 +200,30 @@ def nucleus_features(image: np.ndarray, labels: np.ndarray, scores: Dict[int, fl
     return rows
 
 
-def label_polygons(labels: np.ndarray) -> Dict[int, List[List[List[float]]]]:
-    """Outer contour of each labelled nucleus as closed [x, y] rings (pixel-corner coordinates)."""
+def label_polygons(
+    labels: np.ndarray, offset: Tuple[float, float] = (0, 0)
+) -> Dict[int, List[Polygon]]:
+    """Each labelled nucleus as polygons (shell, holes...) along its pixels' outer edges, in
+    pixel-corner coordinates shifted by ``offset`` = (x, y): a nucleus' polygon area equals its
+    pixel count (see dessam_d2/outlines.py); one polygon per 4-connected piece."""
     polygons = {}
     for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        mask = np.pad(labels[sl] == idx, 1).astype(np.uint8)
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        rings = []
-        for c in contours:
-            pts = c[:, 0, :].astype(float) - 1 + [sl[1].start, sl[0].start]
-            if len(pts) >= 3:
-                ring = pts.tolist()
-                rings.append(ring + [ring[0]])
-        if rings:
-            polygons[idx] = rings
+        if sl is not None:
+            origin = (offset[0] + sl[1].start, offset[1] + sl[0].start)
+            polygons[idx] = mask_polygons(labels[sl] == idx, origin)
     return polygons
 
 
-def to_geojson(labels: np.ndarray, rows: List[Dict]) -> Dict:
-    """A FeatureCollection QuPath imports as detections classified "Nucleus"."""
+def to_geojson(labels: np.ndarray, rows: List[Dict], offset: Tuple[float, float] = (0, 0)) -> Dict:
+    """A FeatureCollection QuPath imports as detections classified "Nucleus": a Polygon per
+    nucleus (a MultiPolygon for one split into pieces) with its CSV row as measurements."""
     by_id = {r["id"]: r for r in rows}
-    features = []
-    for idx, rings in label_polygons(labels).items():
-        largest = max(rings, key=len)
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [largest]},
-                "properties": {
-                    "objectType": "detection",
-                    "classification": {"name": "Nucleus"},
-                    "name": f"nucleus {idx}",
-                    "measurements": {k: v for k, v in by_id[idx].items() if k != "id"},
-                },
-            }
+    features = [
+        nucleus_feature(
+            polygons, f"nucleus {idx}", {k: v for k, v in by_id[idx].items() if k != "id"}
         )
+        for idx, polygons in label_polygons(labels, offset).items()
+    ]
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -355,6 +343,19 @@ def predict_images(
     atomic_write_json(os.path.join(output_dir, "predictions_images.json"), images)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def resolve_weights(cfg, weights: str, random_weights: bool, config_file: str, flag: str) -> str:
+    """The trained weights to load: ``weights``, else ``cfg.MODEL.WEIGHTS``. Neither is a user
+    error (a model with random weights predicts noise and would not say so) unless
+    ``random_weights`` (the tools' ``--random-weights``, for tests and benchmarks) is set."""
+    weights = weights or cfg.MODEL.WEIGHTS
+    if not weights and not random_weights:
+        raise ValueError(
+            f"{config_file}: no trained weights (MODEL.WEIGHTS is empty and no --weights given): "
+            f"pass {flag}, or --random-weights to run an untrained model"
+        )
+    return weights
 
 
 def load_model_for_inference(cfg, weights: Optional[str]) -> torch.nn.Module:
