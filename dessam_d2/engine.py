@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+from collections import OrderedDict
 from typing import List
 from unittest import mock
 
@@ -35,6 +36,7 @@ from detectron2.data import (
 from detectron2.data.common import DatasetFromList
 from detectron2.engine import DefaultTrainer, HookBase, default_setup
 from detectron2.engine import defaults as d2_defaults
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -100,6 +102,25 @@ def check_dataset_names(cfg: CfgNode, eval_only: bool = False) -> None:
                     f"DATASETS.{key}: '{name}' is not a registered data set; see "
                     "dessam_d2/data/datasets.py (BUILTIN_DATASETS) or register your own COCO file"
                 )
+    score_thresholds_per_test_set(cfg)
+
+
+def score_thresholds_per_test_set(cfg: CfgNode) -> List[float]:
+    """The box score threshold of each DATASETS.TEST entry: DATASETS.TEST_SCORE_THRESH (one per
+    test set, same order) or, when it is empty, MODEL.ROI_HEADS.SCORE_THRESH_TEST for all."""
+    names = list(cfg.DATASETS.TEST)
+    values = list(cfg.DATASETS.get("TEST_SCORE_THRESH", ()))
+    if not values:
+        return [float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)] * len(names)
+    if len(values) != len(names):
+        raise ConfigError(
+            f"DATASETS.TEST_SCORE_THRESH has {len(values)} values for {len(names)} DATASETS.TEST "
+            "entries: give one per test set, in the same order, or () to use "
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST for all"
+        )
+    if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in values):
+        raise ConfigError(f"DATASETS.TEST_SCORE_THRESH {tuple(values)}: scores lie in [0, 1]")
+    return [float(v) for v in values]
 
 
 def set_deterministic(cfg: CfgNode) -> None:
@@ -332,6 +353,37 @@ class Trainer(DefaultTrainer):
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
         mapper = DESSAMDatasetMapper(cfg, is_train=False)
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None):
+        """DefaultTrainer.test one test set at a time, each with its own box score threshold
+        (DATASETS.TEST_SCORE_THRESH, see ``score_thresholds_per_test_set``); the box predictor's
+        threshold is restored afterwards. Periodic, final and ``--eval-only`` evaluations all
+        come here."""
+        thresholds = score_thresholds_per_test_set(cfg)
+        names = list(cfg.DATASETS.TEST)
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        if evaluators is not None and len(evaluators) != len(names):
+            raise ValueError(f"{len(evaluators)} evaluators for {len(names)} DATASETS.TEST entries")
+        predictor = getattr(model, "module", model).roi_heads.box_predictor
+        default = predictor.test_score_thresh
+        results = OrderedDict()
+        try:
+            for i, (name, threshold) in enumerate(zip(names, thresholds)):
+                one = cfg.clone()
+                one.defrost()
+                one.DATASETS.TEST = (name,)
+                one.DATASETS.TEST_SCORE_THRESH = ()
+                one.freeze()
+                predictor.test_score_thresh = threshold
+                logger.info(f"Evaluating {name} with box score threshold {threshold:g}")
+                results[name] = super().test(
+                    one, model, None if evaluators is None else [evaluators[i]]
+                )
+        finally:
+            predictor.test_score_thresh = default
+        return next(iter(results.values())) if len(results) == 1 else results
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder=None):

@@ -34,6 +34,9 @@ __all__ = [
     "load_nuclei_coco",
     "register_nuclei_coco",
     "register_all_nuclei_datasets",
+    "SUBSET_DATASETS",
+    "read_image_list",
+    "register_nuclei_subset",
     "nucleus_categories",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -85,6 +88,17 @@ BUILTIN_DATASETS: Dict[str, Tuple[str, str, str]] = {
         )
         for split in ("train", "test")
     },
+}
+
+
+# name -> (parent data set, list of image file names relative to the root): the parent's images
+# named in the list, with their annotations (``register_nuclei_subset``).
+SUBSET_DATASETS: Dict[str, Tuple[str, str]] = {
+    # The authors' release tests TargetB on 60 of its images; it does not say which (README).
+    "cnseg_domainseg_targetb60_test": (
+        "cnseg_domainseg_targetb_test",
+        "cnseg/domainseg/targetb60.txt",
+    ),
 }
 
 
@@ -161,6 +175,114 @@ def register_all_nuclei_datasets(root: Optional[str] = None, *, overwrite: bool 
             os.path.join(root, image_rel),
             how_to_create=command.format(root=root),
         )
+    for name, (parent, list_rel) in SUBSET_DATASETS.items():
+        if name not in DatasetCatalog or overwrite:
+            register_nuclei_subset(name, parent, os.path.join(root, list_rel))
+
+
+# ---------------------------------------------------------------- subsets by a list of images
+
+
+def read_image_list(path: str) -> List[str]:
+    """Image names of a list file: one a line, blank lines and ``#`` comments ignored, repeats
+    dropped (order kept)."""
+    with open(path, encoding="utf-8") as f:
+        names = [line.split("#", 1)[0].strip() for line in f]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _subset_coco(name: str, parent_json: str, list_file: str) -> Dict:
+    """The parent COCO file restricted to the images named in ``list_file`` (by file name, with
+    or without its folder or extension)."""
+    wanted = read_image_list(list_file)
+    if not wanted:
+        raise EmptyDatasetError(f"data set '{name}': {list_file} names no image")
+    with open(parent_json, encoding="utf-8") as f:
+        coco = json.load(f)
+    by_key: Dict[str, List[int]] = {}
+    for image in coco["images"]:
+        base = os.path.basename(image["file_name"])
+        for key in {base, os.path.splitext(base)[0]}:
+            by_key.setdefault(key, []).append(image["id"])
+    missing, ambiguous, ids = [], [], set()
+    for entry in wanted:
+        found = by_key.get(os.path.basename(entry), [])
+        if not found:
+            missing.append(entry)
+        elif len(found) > 1:
+            ambiguous.append(entry)
+        else:
+            ids.add(found[0])
+    if missing or ambiguous:
+        problem = missing or ambiguous
+        what = "are not images of" if missing else "match several images of"
+        raise DatasetFormatError(
+            f"data set '{name}': {len(problem)} of the {len(wanted)} names in {list_file} {what} "
+            f"{parent_json} (e.g. {', '.join(problem[:3])}); fix the list"
+        )
+    return {
+        **coco,
+        "images": [im for im in coco["images"] if im["id"] in ids],
+        "annotations": [a for a in coco["annotations"] if a["image_id"] in ids],
+    }
+
+
+def load_nuclei_subset(name: str, parent: str, list_file: str) -> List:
+    """Load the subset ``name`` of the registered data set ``parent`` named by ``list_file``.
+
+    The subset is written as a COCO file next to the parent's (``<name>.json``) and loaded from
+    there, and that file becomes the subset's ``json_file`` metadata, so COCO AP is computed
+    against exactly these images.
+    """
+    if not os.path.isfile(list_file):
+        raise DatasetNotFoundError(
+            f"data set '{name}': image list {list_file} not found; write the file names of its "
+            f"images there, one a line (a subset of '{parent}'; see README.md)"
+        )
+    meta = MetadataCatalog.get(parent)
+    if not hasattr(meta, "json_file"):
+        raise DatasetNotFoundError(f"data set '{name}': its parent '{parent}' is not registered")
+    if not os.path.isfile(meta.json_file):
+        load_nuclei_coco(parent, meta.json_file, meta.image_root)  # its one-line error
+    try:
+        coco = _subset_coco(name, meta.json_file, list_file)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise DatasetFormatError(
+            f"data set '{name}': {meta.json_file} is not a valid COCO instances file ({e}); "
+            "re-run the converter that wrote it"
+        ) from e
+    json_file = os.path.join(os.path.dirname(meta.json_file), f"{name}.json")
+    data = json.dumps(coco, separators=(",", ":")).encode("utf-8")
+    old = None
+    if os.path.isfile(json_file):
+        with open(json_file, "rb") as f:
+            old = f.read()
+    if old != data:
+        atomic_write_bytes(json_file, data)
+    paths = {"json_file": json_file, "image_root": meta.image_root}
+    own = MetadataCatalog.get(name)
+    if any(getattr(own, k, v) != v for k, v in paths.items()):  # the parent moved: start afresh
+        fields = {k: v for k, v in own.as_dict().items() if k not in ("name", *paths)}
+        MetadataCatalog.remove(name)
+        MetadataCatalog.get(name).set(**fields)
+    MetadataCatalog.get(name).set(**paths)
+    return load_nuclei_coco(name, json_file, meta.image_root)
+
+
+def register_nuclei_subset(name: str, parent: str, list_file: str) -> None:
+    """Register ``name``: the images of the registered data set ``parent`` whose file names are
+    listed in ``list_file`` (one a line; with or without folder and extension), with their
+    annotations. Nothing is read until the data set is loaded."""
+    for catalog in (DatasetCatalog, MetadataCatalog):
+        if name in catalog:
+            catalog.remove(name)
+    DatasetCatalog.register(name, functools.partial(load_nuclei_subset, name, parent, list_file))
+    MetadataCatalog.get(name).set(
+        thing_classes=list(NUCLEUS_CLASSES),
+        evaluator_type=EVALUATOR_TYPE,
+        image_list=list_file,
+        parent_dataset=parent,
+    )
 
 
 # ---------------------------------------------------------------- helpers of the converters
@@ -233,17 +355,24 @@ class ConversionReport:
     json_files: List[str] = field(default_factory=list)
 
     def print_summary(self, source: str) -> int:
-        """Print the table and the files written; the exit status of a converter (1: nothing)."""
+        """Print the table and the files written; return the converter's exit status
+        (``dessam_d2.cli.exit_status``): 0 every image converted, 1 some images skipped (nuclei
+        dropped by a documented rule, e.g. zero area, are counted but do not count as skips),
+        2 no image converted."""
+        from ..cli import EXIT_USER_ERROR, exit_status  # not at import: cli imports this package
+
         print(self.table())
         print("\n".join(["written:"] + self.json_files))
-        if not any(s.images for s in self.subsets):
+        done = sum(s.images for s in self.subsets)
+        status = exit_status(done, sum(sum(s.skipped_images.values()) for s in self.subsets))
+        if not done:
             print(
                 f"error: no image of {source} could be converted (reasons in the table above): "
                 "the data sets are empty",
                 file=sys.stderr,
             )
-            return 1
-        return 0
+            status = EXIT_USER_ERROR
+        return status
 
     def table(self) -> str:
         """A summary row per subset (and a total), then one row per (subset, skip reason)."""
