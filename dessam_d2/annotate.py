@@ -135,13 +135,13 @@ def boxes_to_masks(
             h, w = image.shape[:2]
             anns = [a for a in by_image.get(info["id"], []) if _valid_box(a.get("bbox"), w, h)]
             summary.degenerate_boxes += len(by_image.get(info["id"], [])) - len(anns)
-            inputs = predictor._model_input(image)
-            scale = max(inputs["image"].shape[-2:]) / max(h, w)
-            xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-            xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1).clamp_min(0)
-            xyxy[:, 0::2] = xyxy[:, 0::2].clamp_max(w)
-            xyxy[:, 1::2] = xyxy[:, 1::2].clamp_max(h)
-            inst = model.segment_boxes([inputs], [xyxy * scale], student=student)[0]["instances"]
+            xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+            xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+            xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, w)
+            xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, h)
+            inputs, boxes = predictor.model_input(image, xyxy)  # boxes in the input's frame
+            boxes = torch.as_tensor(boxes, dtype=torch.float32)
+            inst = model.segment_boxes([inputs], [boxes], student=student)[0]["instances"]
             out = []
             for ann, mask in zip(anns, inst.pred_masks.cpu().numpy()):
                 rle = mask_util.encode(np.asfortranarray(mask))

@@ -57,14 +57,29 @@ def hide_user_error_tracebacks(logger_names: Iterable[str]) -> None:
                 handler.addFilter(_HideUserErrorTracebacks())
 
 
+# Exit status of every tool (train_net, predict, boxes_to_masks, the converters):
+EXIT_DONE = 0  # every input was processed (or was already done by an earlier run)
+EXIT_SOME_SKIPPED = 1  # finished, but some inputs failed; the summary counts them with reasons
+EXIT_USER_ERROR = 2  # nothing done: a one-line "error: ..." names the file and the fix
+
+
+def exit_status(done: int, failed: int) -> int:
+    """The tools' exit status from the number of inputs done (now or by an earlier run) and the
+    number that failed: 0 all done, 1 some failed, 2 every input failed (nothing done)."""
+    if not failed:
+        return EXIT_DONE
+    return EXIT_SOME_SKIPPED if done else EXIT_USER_ERROR
+
+
 def run_cli(main: Callable, *args):
-    """Run ``main(*args)``; a user error prints ``error: <message>`` and exits with status 2."""
+    """Run ``main(*args)``; a user error prints ``error: <message>`` and exits with status 2
+    (``EXIT_USER_ERROR``)."""
     try:
         return main(*args)
     except USER_ERRORS as e:
         logging.getLogger("dessam_d2").debug("user error", exc_info=True)
         print(f"error: {one_line_message(e)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
 
 
 # glibc's malloc hands every block above its mmap threshold (at most 32 MB) straight back to the

@@ -26,16 +26,15 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from scipy import ndimage
-from segment_anything.utils.transforms import ResizeLongestSide
 from tabulate import tabulate
 from tqdm import tqdm
 
 from .data.datasets import atomic_write_bytes, atomic_write_json
 from .data.image_io import ImageReadError, read_image_rgb
+from .data.mapper import sam_model_input
 from .evaluation.metrics import masks_to_label_map
 from .outlines import Polygon, mask_polygons, nucleus_feature
 
@@ -96,10 +95,15 @@ class Predictor:
     """A DES-SAM model that segments whole images of any size (tiled when larger than a tile)."""
 
     def __init__(
-        self, model: torch.nn.Module, tile_size: int = 0, tile_overlap: Optional[int] = None
+        self,
+        model: torch.nn.Module,
+        tile_size: int = 0,
+        tile_overlap: Optional[int] = None,
+        image_format: str = "RGB",
     ):
         self.model = model.eval()
         self.image_size = model.image_size
+        self.image_format = image_format  # cfg.INPUT.FORMAT: what the model was trained on
         self.tile_size = tile_size or self.image_size
         if tile_overlap is None:  # default: 128 px, at most a quarter of the tile
             tile_overlap = min(128, self.tile_size // 4)
@@ -110,12 +114,9 @@ class Predictor:
             )
         self.tile_overlap = tile_overlap
 
-    def _model_input(self, image: np.ndarray) -> Dict:
-        h, w = image.shape[:2]
-        new_h, new_w = ResizeLongestSide.get_preprocess_shape(h, w, self.image_size)
-        resized = T.ResizeTransform(h, w, new_h, new_w).apply_image(image)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        return {"image": tensor, "height": h, "width": w}
+    def model_input(self, image: np.ndarray, boxes: Optional[np.ndarray] = None):
+        """``sam_model_input`` (the mapper's): the input dict and ``boxes`` in its frame."""
+        return sam_model_input(image, self.image_size, self.image_format, boxes=boxes)
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> Instances:
@@ -124,12 +125,12 @@ class Predictor:
         t = self.tile_size
         ys, xs = tile_starts(h, t, self.tile_overlap), tile_starts(w, t, self.tile_overlap)
         if len(ys) == len(xs) == 1:
-            return self.model([self._model_input(image)])[0]["instances"].to("cpu")
+            return self.model([self.model_input(image)[0]])[0]["instances"].to("cpu")
         parts = []
         for iy, y in enumerate(ys):
             for ix, x in enumerate(xs):
                 tile = image[y : y + t, x : x + t]
-                inst = self.model([self._model_input(tile)])[0]["instances"].to("cpu")
+                inst = self.model([self.model_input(tile)[0]])[0]["instances"].to("cpu")
                 boxes = inst.pred_boxes.tensor
                 cy, cx = (boxes[:, 1] + boxes[:, 3]) / 2 + y, (boxes[:, 0] + boxes[:, 2]) / 2 + x
                 (y0, y1), (x0, x1) = tile_core(ys, iy, t, h), tile_core(xs, ix, t, w)

@@ -246,11 +246,25 @@ def test_cli_prints_table_and_one_line_errors(cnseg_root, tmp_path, capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     argv = ["--input", str(cnseg_root / "ClusterSeg"), "--output", str(tmp_path), "--no-progress"]
+    # Exit status (dessam_d2.cli.exit_status): 0 every image converted (a nucleus of zero area
+    # dropped by rule does not count as a skip), 1 some images skipped, 2 nothing converted.
     assert cli.main(argv) == 0
-    assert "| clusterseg/sample" in capsys.readouterr().out
-    assert cli.main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "| clusterseg/sample" in out and "zero area" in out
+    argv = ["--input", str(cnseg_root / "PatchSeg"), "--output", str(tmp_path / "p")]
+    assert cli.main(argv + ["--no-progress"]) == 1  # one unparseable file among good ones
+    assert "unparseable json" in capsys.readouterr().out
+    assert cli.main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "input folder not found" in err
+    bad = tmp_path / "bad" / "DomainSeg" / "TargetA"
+    bad.mkdir(parents=True)
+    (bad / "x.jpg").write_bytes(b"")
+    _label(bad / "x.json", [SQUARE])
+    argv = ["--input", str(tmp_path / "bad"), "--output", str(tmp_path / "b"), "--no-progress"]
+    assert cli.main(argv) == 2  # not one image could be converted
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: no image of")  # after the warning
 
 
 @pytest.mark.parametrize(

@@ -132,8 +132,16 @@ def test_predict_bad_config_and_weights_are_one_line_errors(
     assert_one_line_error(status, err, missing, "do not exist")
 
     sam = ["MODEL.SAM.CHECKPOINT", cut] + SMALL
-    status, _, err = run_tool(predict_tool, base + sam, capsys)
+    status, _, err = run_tool(predict_tool, base + ["--random-weights"] + sam, capsys)
     assert_one_line_error(status, err, f"SAM checkpoint {cut} cannot be read")
+
+    # No trained weights is an error, not an untrained model's noise with exit status 0.
+    status, out, err = run_tool(predict_tool, base + SMALL, capsys)
+    assert_one_line_error(status, err, DEMO, "no trained weights", "--weights", "--random-weights")
+    assert not list(tmp_path.glob("*_labels.png"))
+    status, _, err = run_tool(predict_tool, base + ["--random-weights"] + SMALL, capsys)
+    assert status == 0, err
+    assert (tmp_path / "good_labels.png").exists()
 
     empty = tmp_path / "no_images"
     empty.mkdir()
@@ -162,6 +170,14 @@ def test_predict_counts_bad_images_and_keeps_going(predict_tool, weights, tmp_pa
         "blank_nuclei.csv",
         "good_nuclei.csv",
     ]
+    # Exit status: 1 above (some images failed, the rest done); 2 when not one image could be
+    # read; 0 on a re-run where every readable image is done and no bad one is given.
+    argv_bad = argv[:4] + ["--input", str(images / "cut.png"), str(images / "empty.png")]
+    status, stdout, err = run_tool(predict_tool, argv_bad + argv[7:], capsys)
+    assert status == 2 and err.strip().splitlines()[-1].startswith("error: none of the 2 image")
+    argv_good = argv[:4] + ["--input", str(images / "good.png"), str(images / "blank.png")]
+    status, stdout, err = run_tool(predict_tool, argv_good + argv[7:], capsys)
+    assert status == 0 and summary(stdout)["images skipped (already done)"] == "2"
     # no nuclei: a header-only CSV, an empty GeoJSON, an all-zero label image
     assert (out / "blank_nuclei.csv").read_text().count("\n") == 1
     assert json.loads((out / "blank.geojson").read_text())["features"] == []
@@ -203,12 +219,19 @@ def test_boxes_to_masks_bad_files_are_one_line_errors(annotate_tool, tmp_path, c
         path = tmp_path / f"bad{i}.json"
         path.write_text(text)
         status, _, err = run_tool(
-            annotate_tool, base + ["--annotations", str(path)] + SMALL, capsys
+            annotate_tool, base + ["--random-weights", "--annotations", str(path)] + SMALL, capsys
         )
         assert_one_line_error(status, err, str(path), message)
     missing = str(tmp_path / "missing.json")
-    status, _, err = run_tool(annotate_tool, base + ["--annotations", missing] + SMALL, capsys)
+    argv = base + ["--random-weights", "--annotations", missing] + SMALL
+    status, _, err = run_tool(annotate_tool, argv, capsys)
     assert_one_line_error(status, err, missing, "does not exist")
+    # The teacher needs SAM's weights or a trained model, the student a trained model.
+    path = tmp_path / "bad0.json"
+    for extra in ([], ["--student"], ["--student", "MODEL.SAM.CHECKPOINT", "sam.pth"]):
+        argv = base + ["--annotations", str(path)] + extra + SMALL
+        status, _, err = run_tool(annotate_tool, argv, capsys)
+        assert_one_line_error(status, err, DEMO, "no trained weights", "--weights")
 
 
 def test_boxes_to_masks_counts_bad_boxes_and_images_and_resumes(
@@ -241,6 +264,13 @@ def test_boxes_to_masks_counts_bad_boxes_and_images_and_resumes(
     assert sorted(a["id"] for a in result["annotations"]) == expected
     assert len(expected) < valid  # image 2 had its boxes removed: it has no nuclei
     assert not (tmp_path / "masks.json.partial.jsonl").exists()
+
+    # Not one image readable (wrong --image-root): nothing done, exit status 2.
+    argv[argv.index("--image-root") + 1] = str(tmp_path / "nowhere")
+    argv[argv.index("--output") + 1] = str(tmp_path / "none.json")
+    status, stdout, err = run_tool(annotate_tool, argv, capsys)
+    assert status == 2 and summary(stdout)["images failed"] == "4"
+    assert err.strip().splitlines()[-1].startswith(f"error: no image under {tmp_path / 'nowhere'}")
 
 
 # ----------------------------------------------------------------- training and data loading
@@ -344,7 +374,7 @@ def test_a_conversion_that_keeps_no_image_fails(tmp_path, capsys):
     (sample / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     (sample / "b.json").write_text('{"shapes": [')
     argv = ["--input", str(tmp_path / "CNSeg"), "--output", str(tmp_path / "out")]
-    assert cli.main(argv + ["--no-progress"]) == 1
+    assert cli.main(argv + ["--no-progress"]) == 2  # nothing done: a user error
     out, err = capsys.readouterr()
     assert "unreadable image" in out and "unparseable json" in out
     lines = err.strip().splitlines()

@@ -13,9 +13,9 @@ import logging
 import sys
 
 from dessam_d2.annotate import boxes_to_masks
-from dessam_d2.cli import run_cli, tune_malloc
+from dessam_d2.cli import EXIT_USER_ERROR, exit_status, run_cli, tune_malloc
 from dessam_d2.engine import load_config
-from dessam_d2.predict import Predictor, load_model_for_inference
+from dessam_d2.predict import Predictor, load_model_for_inference, resolve_weights
 
 
 def parse_args(argv=None):
@@ -26,6 +26,11 @@ def parse_args(argv=None):
     p.add_argument("--image-root", required=True, help="folder the file_names are relative to")
     p.add_argument("--output", required=True, help="COCO json to write")
     p.add_argument("--student", action="store_true", help="use the trained student")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="allow running without trained or SAM weights (an untrained model: tests)",
+    )
     p.add_argument("--overwrite", action="store_true", help="ignore an interrupted run's progress")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p.parse_args(argv)
@@ -34,9 +39,17 @@ def parse_args(argv=None):
 def main(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     cfg = load_config(args.config_file, args.opts)
-    model = load_model_for_inference(cfg, args.weights or cfg.MODEL.WEIGHTS)
+    # The teacher needs only SAM's weights; the student needs a trained DES-SAM.
+    has_sam = bool(cfg.MODEL.SAM.CHECKPOINT) and not args.student
+    flag = "--weights output/<run>/model_final.pth"
+    if not args.student:
+        flag += " or MODEL.SAM.CHECKPOINT weights/sam_vit_b_01ec64.pth"
+    weights = resolve_weights(
+        cfg, args.weights, args.random_weights or has_sam, args.config_file, flag
+    )
+    model = load_model_for_inference(cfg, weights)
     summary = boxes_to_masks(
-        Predictor(model),
+        Predictor(model, image_format=cfg.INPUT.FORMAT),
         args.annotations,
         args.image_root,
         args.output,
@@ -47,7 +60,10 @@ def main(args) -> int:
     for message in summary.failed.values():
         print(f"failed: {message}")
     print(f"wrote {args.output}")
-    return 1 if summary.failed else 0
+    status = exit_status(summary.images + summary.resumed, len(summary.failed))
+    if status == EXIT_USER_ERROR:
+        print(f"error: no image under {args.image_root} could be read: see above", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

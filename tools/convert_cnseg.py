@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 
+from dessam_d2.cli import EXIT_USER_ERROR
 from dessam_d2.data.cnseg import CNSegLayoutError, convert_cnseg
 
 
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
         )
     except (CNSegLayoutError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     return report.print_summary(args.input)
 
 

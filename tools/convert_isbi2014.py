@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 
+from dessam_d2.cli import EXIT_USER_ERROR
 from dessam_d2.data.isbi2014 import ISBIFormatError, convert_isbi2014
 
 
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         )
     except (ISBIFormatError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     return report.print_summary(args.input)
 
 

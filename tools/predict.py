@@ -13,15 +13,26 @@ import argparse
 import logging
 import sys
 
-from dessam_d2.cli import run_cli, tune_malloc
+from dessam_d2.cli import EXIT_USER_ERROR, exit_status, run_cli, tune_malloc
 from dessam_d2.engine import load_config
-from dessam_d2.predict import Predictor, collect_images, load_model_for_inference, predict_images
+from dessam_d2.predict import (
+    Predictor,
+    collect_images,
+    load_model_for_inference,
+    predict_images,
+    resolve_weights,
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True)
     p.add_argument("--weights", default="", help="trained model (default: MODEL.WEIGHTS)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="allow running without trained weights (an untrained model: tests, benchmarks)",
+    )
     p.add_argument("--input", nargs="+", required=True, help="image files, folders or globs")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument(
@@ -46,14 +57,21 @@ def main(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     cfg = load_config(args.config_file, args.opts)
     images = collect_images(args.input)
-    model = load_model_for_inference(cfg, args.weights or cfg.MODEL.WEIGHTS)
-    predictor = Predictor(model, args.tile_size, args.tile_overlap)
+    flag = "--weights output/<run>/model_final.pth"
+    weights = resolve_weights(cfg, args.weights, args.random_weights, args.config_file, flag)
+    model = load_model_for_inference(cfg, weights)
+    predictor = Predictor(model, args.tile_size, args.tile_overlap, cfg.INPUT.FORMAT)
     summary = predict_images(predictor, images, args.output, overwrite=args.overwrite)
     print(summary.table())
     for path, message in summary.failed.items():
         print(f"failed: {message}")
     print(f"outputs in {args.output}")
-    return 1 if summary.failed else 0
+    status = exit_status(summary.done + summary.skipped, len(summary.failed))
+    if status == EXIT_USER_ERROR:
+        print(
+            f"error: none of the {len(images)} image(s) could be read: see above", file=sys.stderr
+        )
+    return status
 
 
 if __name__ == "__main__":

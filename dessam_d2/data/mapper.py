@@ -8,7 +8,7 @@ ground truth from the registered data set).
 
 import copy
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from .image_io import read_image_rgb
 
-__all__ = ["DESSAMDatasetMapper"]
+__all__ = ["DESSAMDatasetMapper", "sam_model_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,39 @@ _FLIPS = {
 }
 _FLIP_NAMES = {T.HFlipTransform: "hflip", T.VFlipTransform: "vflip"}
 _FORMATS = ("RGB", "BGR")
+
+
+def sam_model_input(
+    image: np.ndarray,
+    image_size: int,
+    image_format: str = "RGB",
+    augmentations: Optional[T.AugmentationList] = None,
+    boxes: Optional[np.ndarray] = None,
+) -> Tuple[Dict, Optional[np.ndarray]]:
+    """The one way an image becomes DESSAM's input, in training, evaluation, prediction and
+    annotation (a second copy would drift: the embedding cache's key reads "sam_transform").
+
+    ``image`` is H x W x 3 uint8 RGB. Returns ``({"image": 3 x h x w uint8 tensor, longest side
+    image_size, in ``image_format``; "height": H, "width": W; "sam_transform": e.g.
+    "longest1024+hflip"}, boxes)`` where ``boxes`` (N x 4 XYXY in the original image, optional)
+    come back in the model's input frame, through the same resize and flips as the image.
+    """
+    height, width = image.shape[:2]
+    new_h, new_w = ResizeLongestSide.get_preprocess_shape(height, width, image_size)
+    aug_input = T.AugInput(image, boxes=boxes)
+    aug_input.transform(T.ResizeTransform(height, width, new_h, new_w))
+    flips = augmentations(aug_input).transforms if augmentations is not None else []
+    names = [f"longest{image_size}"] + [_FLIP_NAMES.get(type(t), "") for t in flips]
+    image = aug_input.image
+    if image_format == "BGR":
+        image = image[:, :, ::-1]
+    model_input = {
+        "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
+        "height": height,
+        "width": width,
+        "sam_transform": "+".join(n for n in names if n),
+    }
+    return model_input, aug_input.boxes
 
 
 class DESSAMDatasetMapper:
@@ -100,22 +133,14 @@ class DESSAMDatasetMapper:
         out = {k: copy.deepcopy(v) for k, v in dataset_dict.items() if k != "annotations"}
         image = read_image_rgb(out["file_name"])
         utils.check_image_size(out, image)
-        height, width = image.shape[:2]
-        new_h, new_w = ResizeLongestSide.get_preprocess_shape(height, width, self.image_size)
         boxes = self._boxes(dataset_dict.get("annotations", [])) if self.is_train else None
-
-        aug_input = T.AugInput(image, boxes=boxes)
-        aug_input.transform(T.ResizeTransform(height, width, new_h, new_w))
-        flips = self.augmentations(aug_input).transforms  # NoOpTransform when not flipped
-        names = [f"longest{self.image_size}"] + [_FLIP_NAMES.get(type(t), "") for t in flips]
-        out["sam_transform"] = "+".join(n for n in names if n)
-
-        image = aug_input.image
-        if self.image_format == "BGR":
-            image = image[:, :, ::-1]
-        out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        model_input, boxes = sam_model_input(
+            image, self.image_size, self.image_format, self.augmentations, boxes
+        )
+        out.update(model_input)
         if self.is_train:
-            out["instances"] = self._instances(aug_input.boxes, (new_h, new_w), out["file_name"])
+            size = tuple(model_input["image"].shape[-2:])
+            out["instances"] = self._instances(boxes, size, out["file_name"])
         return out
 
     @staticmethod
