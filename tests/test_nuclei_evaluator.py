@@ -10,12 +10,14 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
+from conftest import tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 
+from dessam_d2.engine import Trainer
 from dessam_d2.evaluation import (
     NucleiEvaluator,
     annotations_to_label_map,
@@ -250,3 +252,30 @@ def test_coco_ap_counts_more_than_100_detections(tmp_path, registered):
     default.reset()
     default.process(inputs, [{"instances": instances}])
     assert default.evaluate()["segm"]["AP"] == pytest.approx(100 * 60 / 101)
+
+
+@pytest.mark.parametrize(
+    "detections_per_image, recall_points",
+    # maxDets = max(TEST.DETECTIONS_PER_IMAGE, 100) of 169 exact predictions: AP is the share of
+    # COCO's 101 recall points (0.00 .. 1.00) up to maxDets / 169, each at precision 1.
+    [(50, 60), (150, 89), (400, 101)],  # 100/169 -> 0.59, 150/169 -> 0.88, all
+)
+def test_trainer_evaluator_counts_up_to_detections_per_image(
+    tmp_path, registered, detections_per_image, recall_points
+):
+    h = w = 120
+    masks = [_block(h, w, 9 * r, 9 * r + 5, 9 * c, 9 * c + 5) for r in range(13) for c in range(13)]
+    images = [{"id": 1, "file_name": "dense.png", "height": h, "width": w}]
+    annotations = [_annotation(i + 1, 1, m, _compressed_rle(m)) for i, m in enumerate(masks)]
+    name = registered(tmp_path, images, annotations)
+    DatasetCatalog.get(name)  # the category id mapping COCOEvaluator reads, as training sets it
+    instances = _instances(masks, np.linspace(1.0, 0.5, len(masks)).tolist(), h, w)
+
+    cfg = tiny_cfg(**{"TEST.DETECTIONS_PER_IMAGE": detections_per_image})
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    evaluator = Trainer.build_evaluator(cfg, name)  # what training and --eval-only use
+    evaluator.reset()
+    evaluator.process([{"image_id": 1, "height": h, "width": w}], [{"instances": instances}])
+    results = evaluator.evaluate()
+    assert results["segm"]["AP"] == pytest.approx(100 * recall_points / 101)
+    assert results["bbox"]["AP"] == pytest.approx(100 * recall_points / 101)
