@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Reproduce the paper's Tables 1-2: convert CNSeg and ISBI 2014, train PatchSeg and ClusterSeg
+once per seed, evaluate, write the tables (Markdown and CSV). Re-running resumes.
+
+python tools/reproduce_paper.py --sam-checkpoint weights/sam_vit_b_01ec64.pth \\
+    --cnseg /data/CNSeg --isbi /data/isbi2014 [--output output/reproduce] [--seeds 1 2 3] \\
+    [--num-gpus 4] [--num-machines 2 --machine-rank 0 --dist-url tcp://host:port] [KEY VALUE ...]
+"""
+
+import sys
+
+from dessam_d2.cli import run_cli
+from dessam_d2.reproduce import RunFailedError, main
+
+if __name__ == "__main__":
+    try:
+        run_cli(main, sys.argv[1:])
+    except RunFailedError as e:
+        print(f"error: {e}", file=sys.stderr)  # the run printed its own reason above
+        sys.exit(e.returncode)
