@@ -6,6 +6,10 @@ python tools/train_net.py --config-file configs/dessam_clusterseg.yaml --num-gpu
 python tools/train_net.py --config-file ... --resume          # after an interruption
 python tools/train_net.py --config-file ... --deterministic SEED 1   # repeatable losses
 python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+# your own COCO box files (CVAT, Label Studio, tools/import_qupath.py), by name:
+python tools/train_net.py --config-file configs/dessam_clusterseg.yaml \
+    --dataset my_train=boxes.json:images/ --dataset my_test=test.json:images/ \
+    DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_test",)'
 """
 
 import sys
@@ -15,11 +19,15 @@ from torch.multiprocessing import ProcessExitedException
 
 from dessam_d2.checkpointing import DESSAMCheckpointer
 from dessam_d2.cli import run_cli, tune_malloc
+from dessam_d2.data.user_datasets import register_user_datasets, require_outlines
 from dessam_d2.engine import Trainer, setup
 
 
 def main(args):
+    # here, not before launch: every worker process registers the names for itself
+    user_datasets = register_user_datasets(args.dataset)
     cfg = setup(args)
+    require_outlines(cfg.DATASETS.TEST, user_datasets)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DESSAMCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -41,6 +49,15 @@ def parse_args(argv=None):
         "--deterministic",
         action="store_true",
         help="deterministic algorithms (needs SEED >= 0): repeatable losses, exact resumes",
+    )
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME=JSON[:IMAGE_ROOT]",
+        help="register a COCO file (boxes; CVAT, Label Studio or tools/import_qupath.py) under "
+        "NAME for DATASETS.TRAIN / DATASETS.TEST; images are relative to IMAGE_ROOT (default: "
+        "the JSON's folder); repeatable",
     )
     return parser.parse_args(argv)
 

@@ -118,21 +118,36 @@ def default_dataset_root() -> str:
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
-def load_nuclei_coco(name: str, json_file: str, image_root: str, how_to_create: str = "") -> List:
-    """``load_coco_json`` with one-line errors for a missing, broken or empty file."""
+def load_nuclei_coco(
+    name: str,
+    json_file: str,
+    image_root: str,
+    how_to_create: str = "",
+    any_category: bool = False,
+) -> List:
+    """``load_coco_json`` with one-line errors for a missing, broken or empty file.
+
+    ``any_category``: every category of the file is "nucleus" (class 0), whatever its name and
+    id, e.g. a box file exported by an annotation tool; the file's categories are not read into
+    the metadata.
+    """
     if not os.path.isfile(json_file):
         hint = f"create it with `{how_to_create}`" if how_to_create else "check the path"
         raise DatasetNotFoundError(
             f"data set '{name}': {json_file} not found; {hint} (see datasets/README.md)"
         )
     try:
-        dicts = load_coco_json(json_file, image_root, name)
+        dicts = load_coco_json(json_file, image_root, None if any_category else name)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DatasetFormatError(
             f"data set '{name}': {json_file} is not a valid COCO instances file ({reason}); "
             "re-run the converter that wrote it"
         ) from e
+    if any_category:
+        for record in dicts:
+            for anno in record.get("annotations", []):
+                anno["category_id"] = 0
     if not dicts:
         raise EmptyDatasetError(
             f"data set '{name}': {json_file} lists no images; re-run the converter on a "
@@ -142,21 +157,34 @@ def load_nuclei_coco(name: str, json_file: str, image_root: str, how_to_create: 
 
 
 def register_nuclei_coco(
-    name: str, json_file: str, image_root: str, *, how_to_create: str = ""
+    name: str,
+    json_file: str,
+    image_root: str,
+    *,
+    how_to_create: str = "",
+    any_category: bool = False,
 ) -> None:
     """Register a single-class ("nucleus") COCO file by name; registering a name again replaces
-    it, so re-running a notebook cell or re-importing never raises."""
+    it, so re-running a notebook cell or re-importing never raises.
+
+    ``any_category``: all of the file's categories are "nucleus" (see ``load_nuclei_coco``). The
+    metadata then has no ``json_file``, so Detectron2's COCOEvaluator scores against the loaded
+    (single-class) records, not against the file's own category ids.
+    """
     for catalog in (DatasetCatalog, MetadataCatalog):
         if name in catalog:
             catalog.remove(name)
     DatasetCatalog.register(
-        name, functools.partial(load_nuclei_coco, name, json_file, image_root, how_to_create)
+        name,
+        functools.partial(
+            load_nuclei_coco, name, json_file, image_root, how_to_create, any_category
+        ),
     )
     MetadataCatalog.get(name).set(
         thing_classes=list(NUCLEUS_CLASSES),
-        json_file=json_file,
         image_root=image_root,
         evaluator_type=EVALUATOR_TYPE,
+        **({} if any_category else {"json_file": json_file}),
     )
 
 
