@@ -17,7 +17,7 @@ from test_data_cnseg import _label
 from test_data_isbi2014 import _write_v73
 
 from dessam_d2.cli import run_cli
-from dessam_d2.reproduce import main
+from dessam_d2.reproduce import main, parse_args, train_command
 
 TINY = [
     "MODEL.SAM.VARIANT", "custom",
@@ -273,3 +273,33 @@ def test_missing_checkpoint_or_folder_is_one_line(sources, tmp_path, capsys):
     assert err == f"error: --isbi {tmp_path / 'no_isbi'}: folder not found; pass the folder of " + (
         "the ISBI 2014 .mat files\n"
     )
+
+
+def test_runs_get_the_launcher_flags_seed_and_overrides(tmp_path):
+    args = parse_args(
+        ["--sam-checkpoint", "sam.pth", "--cnseg", "c", "--isbi", "i", "--output", "out"]
+        + ["--num-gpus", "4", "--num-machines", "2", "--machine-rank", "1"]
+        + ["--dist-url", "tcp://h:1", "MODEL.DEVICE", "cuda"]
+    )
+    cmd = train_command(args, "clusterseg", 3, str(tmp_path))
+    assert cmd[1].endswith("tools/train_net.py") and cmd[3].endswith(
+        "configs/dessam_clusterseg.yaml"
+    )
+    flags = " ".join(cmd[4:])
+    assert "--resume --num-gpus 4 --num-machines 2 --machine-rank 1 --dist-url tcp://h:1" in flags
+    assert f"SEED 3 OUTPUT_DIR {os.path.join('out', 'clusterseg', 'seed3')}" in flags
+    assert cmd[-2:] == ["MODEL.DEVICE", "cuda"]  # the user's overrides come last and win
+    assert "DATASETS.TEST" not in cmd  # no TargetB list: the config's test sets
+    (tmp_path / "cnseg/domainseg").mkdir(parents=True)
+    (tmp_path / "cnseg/domainseg/targetb60.txt").write_text("a.jpg\n")
+    cmd = train_command(args, "clusterseg", 3, str(tmp_path))
+    tests = cmd[cmd.index("DATASETS.TEST") + 1]
+    assert tests == repr(
+        (
+            "cnseg_clusterseg_test",
+            "cnseg_domainseg_targeta_test",
+            "cnseg_domainseg_targetb60_test",
+            "isbi2014_test",
+        )
+    )
+    assert "DATASETS.TEST" not in train_command(args, "patchseg", 3, str(tmp_path))
