@@ -42,7 +42,12 @@ import yaml
 
 from .checkpointing import atomic_open
 from .data.cnseg import convert_cnseg
-from .data.datasets import BUILTIN_DATASETS, SUBSET_DATASETS, default_dataset_root
+from .data.datasets import (
+    BUILTIN_DATASETS,
+    SUBSET_DATASETS,
+    default_dataset_root,
+    subset_coco,
+)
 from .data.isbi2014 import convert_isbi2014
 from .engine import load_config
 from .evaluation.metrics import mean_metrics
@@ -214,11 +219,14 @@ def prepare_data(args: argparse.Namespace, root: str) -> None:
                 f"{source}: converting {what} did not produce {', '.join(still)} "
                 f"({_json_path(root, still[0])}); check the folder layout (datasets/README.md)"
             )
+    target = os.path.join(root, SUBSET_DATASETS[TARGETB60][1])
     if args.targetb_list:
-        target = os.path.join(root, SUBSET_DATASETS[TARGETB60][1])
         if not os.path.isfile(target) or not _same_file_content(args.targetb_list, target):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(args.targetb_list, target)
+    if os.path.isfile(target):  # a bad name fails now, not after training
+        images = subset_coco(TARGETB60, _json_path(root, TARGETB), target)["images"]
+        print(f"TargetB: the {len(images)} images listed in {target}")
 
 
 def _same_file_content(a: str, b: str) -> bool:

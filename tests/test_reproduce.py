@@ -303,3 +303,14 @@ def test_runs_get_the_launcher_flags_seed_and_overrides(tmp_path):
         )
     )
     assert "DATASETS.TEST" not in train_command(args, "patchseg", 3, str(tmp_path))
+
+
+def test_a_bad_targetb_list_stops_before_any_training(sources, tmp_path, capsys):
+    (tmp_path / "list.txt").write_text("targetb_0.jpg\nnope.jpg\n")
+    argv = _argv(sources, tmp_path, "--targetb-list", str(tmp_path / "list.txt"))
+    with pytest.raises(SystemExit):
+        run_cli(main, argv + TINY)
+    err = capsys.readouterr().err.splitlines()[-1]  # after the converters' progress bars
+    assert err.startswith("error: data set 'cnseg_domainseg_targetb60_test': 1 of the 2 names")
+    assert "nope.jpg" in err
+    assert not (tmp_path / "runs" / "patchseg").exists()

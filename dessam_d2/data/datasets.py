@@ -36,6 +36,7 @@ __all__ = [
     "register_all_nuclei_datasets",
     "SUBSET_DATASETS",
     "read_image_list",
+    "subset_coco",
     "register_nuclei_subset",
     "nucleus_categories",
     "atomic_write_bytes",
@@ -219,7 +220,7 @@ def read_image_list(path: str) -> List[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
-def _subset_coco(name: str, parent_json: str, list_file: str) -> Dict:
+def subset_coco(name: str, parent_json: str, list_file: str) -> Dict:
     """The parent COCO file restricted to the images named in ``list_file`` (by file name, with
     or without its folder or extension)."""
     wanted = read_image_list(list_file)
@@ -273,7 +274,7 @@ def load_nuclei_subset(name: str, parent: str, list_file: str) -> List:
     if not os.path.isfile(meta.json_file):
         load_nuclei_coco(parent, meta.json_file, meta.image_root)  # its one-line error
     try:
-        coco = _subset_coco(name, meta.json_file, list_file)
+        coco = subset_coco(name, meta.json_file, list_file)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise DatasetFormatError(
             f"data set '{name}': {meta.json_file} is not a valid COCO instances file ({e}); "
