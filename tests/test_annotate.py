@@ -2,15 +2,19 @@
 
 import json
 
+import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
 from conftest import tiny_cfg
 from detectron2.modeling import build_model
+from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
 
 from dessam_d2.annotate import boxes_to_masks
 from dessam_d2.data.datasets import DatasetFormatError
+from dessam_d2.data.mapper import sam_model_input
 from dessam_d2.data.synthetic import generate_synthetic_dataset
 from dessam_d2.predict import Predictor
 
@@ -51,28 +55,87 @@ def test_every_valid_box_gets_a_mask_of_the_image_size(boxes_only, predictor, tm
     assert not (tmp_path / "masks.json.partial.jsonl").exists()
 
 
-def test_teacher_and_student_differ_only_by_the_learnable_tokens(boxes_only, predictor, tmp_path):
-    path, images, _ = boxes_only
+@pytest.fixture(scope="module")
+def sharp_predictor():
+    """A tiny model whose SAM decoder gives logits as large as a trained SAM's (+-20..30; a
+    random one's stay below 1), so masks are shapes, not noise around the threshold."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).eval()
+    last = model.roi_heads.mask_head.mask_decoder.output_hypernetworks_mlps[0].layers[-1]
+    with torch.no_grad():
+        last.weight.mul_(60.0)
+        last.bias.mul_(60.0)
+        model.roi_heads.mask_head.learnable_tokens.normal_(0.0, 3.0)
+    return Predictor(model)
+
+
+def _decoded(path):
+    anns = json.load(open(path))["annotations"]
+    return {a["id"]: mask_util.decode(a["segmentation"]).astype(bool) for a in anns}
+
+
+def test_teacher_masks_are_segment_anythings_own_predictor(boxes_only, sharp_predictor, tmp_path):
+    """The teacher is SAM prompted with the COCO box: segment-anything's SamPredictor on the same
+    weights, given the box as XYXY in the original image (96 x 128, not the model's 256^2)."""
+    path, images, coco = boxes_only
+    out = tmp_path / "teacher.json"
+    boxes_to_masks(sharp_predictor, str(path), str(images), str(out), progress=False)
+    ours = _decoded(out)
+    model = sharp_predictor.model
+    parts = model.sam_parts()
+    sam = Sam(
+        parts["image_encoder"],
+        parts["prompt_encoder"],
+        parts["mask_decoder"],
+        model.pixel_mean.flatten().tolist(),
+        model.pixel_std.flatten().tolist(),
+    ).eval()
+    sam.mask_threshold = model.mask_logit_threshold
+    reference = SamPredictor(sam)
+    compared = 0
+    for info in coco["images"]:
+        image = cv2.imread(str(images / info["file_name"]))[..., ::-1].copy()
+        assert image.shape[:2] == (96, 128)
+        reference.set_image(image)
+        for ann in coco["annotations"]:
+            x, y, w, h = ann["bbox"]
+            if ann["image_id"] != info["id"] or w <= 0 or h <= 0:
+                continue
+            masks, _, _ = reference.predict(
+                box=np.array([x, y, x + w, y + h]), multimask_output=False
+            )
+            truth = masks[0]
+            assert 0 < truth.sum() < truth.size  # a shape, not an empty or full mask
+            mask = ours[ann["id"]]
+            iou = (mask & truth).sum() / (mask | truth).sum()
+            assert iou >= 0.99, (ann["id"], iou)
+            compared += 1
+    assert compared == len(coco["annotations"]) - 1
+
+
+def test_student_masks_are_the_student_decoder_on_the_boxes(boxes_only, sharp_predictor, tmp_path):
+    path, images, coco = boxes_only
     masks = {}
     for student in (False, True):
         out = tmp_path / f"{student}.json"
-        boxes_to_masks(predictor, str(path), str(images), str(out), student, progress=False)
-        anns = json.load(open(out))["annotations"]
-        masks[student] = np.stack([mask_util.decode(a["segmentation"]) for a in anns])
-    head = predictor.model.roi_heads.mask_head
-    saved = head.learnable_tokens.detach().clone()
-    with torch.no_grad():
-        head.learnable_tokens.mul_(0).add_(5.0)
-    try:
-        out = tmp_path / "changed.json"
-        boxes_to_masks(predictor, str(path), str(images), str(out), False, progress=False)
-        teacher_again = np.stack(
-            [mask_util.decode(a["segmentation"]) for a in json.load(open(out))["annotations"]]
-        )
-    finally:
-        with torch.no_grad():
-            head.learnable_tokens.copy_(saved)
-    assert np.array_equal(teacher_again, masks[False])
+        boxes_to_masks(sharp_predictor, str(path), str(images), str(out), student, progress=False)
+        masks[student] = _decoded(out)
+    model = sharp_predictor.model
+    differ = 0
+    for info in coco["images"]:
+        image = cv2.imread(str(images / info["file_name"]))[..., ::-1].copy()
+        anns = [a for a in coco["annotations"] if a["image_id"] == info["id"] and a["bbox"][2] > 0]
+        # By hand: XYWH -> XYXY, then the longest-side resize 128 -> 256 (96 -> 192).
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)])
+        # (The image goes through the shared input function, tested against SamPredictor above.)
+        inputs, _ = sam_model_input(image, 256)
+        expected = model.segment_boxes([inputs], [boxes.float() * 2.0], student=True)
+        expected = expected[0]["instances"].pred_masks.numpy()
+        for ann, truth in zip(anns, expected):
+            student = masks[True][ann["id"]]
+            assert np.array_equal(student, truth), ann["id"]
+            differ += (student != masks[False][ann["id"]]).sum() > 0.05 * student.sum()
+    assert differ >= len(coco["annotations"]) // 2  # the learnable token changes most masks
 
 
 def test_a_killed_run_resumes_and_gives_the_same_file(boxes_only, predictor, tmp_path):

@@ -27,7 +27,15 @@ from dessam_d2.engine import ConfigError, Trainer, check_dataset_names, load_con
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "dessam_demo.yaml")
-SMALL = ["MODEL.SAM.IMAGE_SIZE", "128", "TEST.DETECTIONS_PER_IMAGE", "2"]
+# A random tiny SAM whatever the demo config loads: these tests need shapes, not knowledge.
+SMALL = [
+    "MODEL.SAM.CHECKPOINT",
+    "",
+    "MODEL.SAM.IMAGE_SIZE",
+    "128",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "2",
+]
 
 
 def load_tool(name):
@@ -131,7 +139,7 @@ def test_predict_bad_config_and_weights_are_one_line_errors(
     status, _, err = run_tool(predict_tool, base + ["--weights", missing] + SMALL, capsys)
     assert_one_line_error(status, err, missing, "do not exist")
 
-    sam = ["MODEL.SAM.CHECKPOINT", cut] + SMALL
+    sam = SMALL + ["MODEL.SAM.CHECKPOINT", cut]
     status, _, err = run_tool(predict_tool, base + ["--random-weights"] + sam, capsys)
     assert_one_line_error(status, err, f"SAM checkpoint {cut} cannot be read")
 
@@ -228,8 +236,12 @@ def test_boxes_to_masks_bad_files_are_one_line_errors(annotate_tool, tmp_path, c
     assert_one_line_error(status, err, missing, "does not exist")
     # The teacher needs SAM's weights or a trained model, the student a trained model.
     path = tmp_path / "bad0.json"
-    for extra in ([], ["--student"], ["--student", "MODEL.SAM.CHECKPOINT", "sam.pth"]):
-        argv = base + ["--annotations", str(path)] + extra + SMALL
+    for flags, opts in (
+        ([], []),
+        (["--student"], []),
+        (["--student"], ["MODEL.SAM.CHECKPOINT", "x"]),
+    ):
+        argv = base + flags + ["--annotations", str(path)] + SMALL + opts
         status, _, err = run_tool(annotate_tool, argv, capsys)
         assert_one_line_error(status, err, DEMO, "no trained weights", "--weights")
 

@@ -11,11 +11,15 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
+from dessam_d2.annotate import boxes_to_masks
 from dessam_d2.data.synthetic import generate_synthetic_dataset
 from dessam_d2.engine import load_config
+from dessam_d2.predict import Predictor, load_model_for_inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = ["MODEL.SAM.IMAGE_SIZE", "128", "TEST.DETECTIONS_PER_IMAGE", "10"]
+# A random tiny SAM whatever the demo config loads: these tests need shapes, not knowledge.
+OVERRIDES = ["MODEL.SAM.CHECKPOINT", "", "MODEL.SAM.IMAGE_SIZE", "128"]
+OVERRIDES += ["TEST.DETECTIONS_PER_IMAGE", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +27,13 @@ def weights_and_images(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     model = build_model(load_config("configs/dessam_demo.yaml", OVERRIDES))
+    # Logits as large as a trained SAM's, and a learnable token that matters: masks are shapes
+    # (a random decoder's logits stay below 1 and give empty masks), teacher != student.
+    last = model.roi_heads.mask_head.mask_decoder.output_hypernetworks_mlps[0].layers[-1]
+    with torch.no_grad():
+        last.weight.mul_(60.0)
+        last.bias.mul_(60.0)
+        model.roi_heads.mask_head.learnable_tokens.normal_(0.0, 3.0)
     DetectionCheckpointer(model, save_dir=str(tmp)).save("tiny")
     json_file = generate_synthetic_dataset(str(tmp / "data"), 2, image_size=(96, 160), seed=4)
     return tmp / "tiny.pth", tmp / "data", json_file
@@ -55,7 +66,20 @@ def test_boxes_to_masks_command(weights_and_images, tmp_path):
     proc = run("boxes_to_masks.py", args + ["--weights", str(weights), "--student"] + OVERRIDES)
     assert proc.returncode == 0, proc.stderr[-2000:]
     n_boxes = len(json.load(open(json_file))["annotations"])
-    assert len(json.load(open(out))["annotations"]) == n_boxes
+    written = json.load(open(out))["annotations"]
+    assert len(written) == n_boxes
+    # --student reaches the model: the file equals the student's masks computed in-process
+    # from the same weights, and differs from the teacher's.
+    model = load_model_for_inference(
+        load_config("configs/dessam_demo.yaml", OVERRIDES), str(weights)
+    )
+    expected = {}
+    for student in (True, False):
+        path = tmp_path / f"in_process_{student}.json"
+        boxes_to_masks(Predictor(model), json_file, str(data / "images"), str(path), student)
+        expected[student] = [a["segmentation"] for a in json.load(open(path))["annotations"]]
+    assert [a["segmentation"] for a in written] == expected[True]
+    assert expected[True] != expected[False]
 
 
 def test_missing_weights_is_one_line(weights_and_images, tmp_path):
@@ -63,7 +87,8 @@ def test_missing_weights_is_one_line(weights_and_images, tmp_path):
     proc = run(
         "predict.py",
         ["--weights", str(tmp_path / "none.pth"), "--input", str(data / "images")]
-        + ["--output", str(tmp_path)],
+        + ["--output", str(tmp_path)]
+        + OVERRIDES,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
