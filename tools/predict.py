@@ -22,6 +22,7 @@ from dessam_d2.predict import (
     predict_images,
     resolve_weights,
 )
+from dessam_d2.slides import add_slide_arguments, run_slides, split_slides
 
 
 def parse_args(argv=None):
@@ -49,6 +50,7 @@ def parse_args(argv=None):
         help="overlap of tiles, larger than the largest nucleus (default: 128, at most tile/4)",
     )
     p.add_argument("--overwrite", action="store_true", help="redo images already predicted")
+    add_slide_arguments(p)  # whole-slide images: dessam_d2/slides.py
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p.parse_args(argv)  # fmt: skip
 
@@ -56,11 +58,16 @@ def parse_args(argv=None):
 def main(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     cfg = load_config(args.config_file, args.opts)
-    images = collect_images(args.input)
+    slides, inputs = split_slides(args.input)  # whole-slide images: dessam_d2/slides.py
+    images = collect_images(inputs) if inputs or not slides else []
     flag = "--weights output/<run>/model_final.pth"
     weights = resolve_weights(cfg, args.weights, args.random_weights, args.config_file, flag)
     model = load_model_for_inference(cfg, weights)
     predictor = Predictor(model, args.tile_size, args.tile_overlap, cfg.INPUT.FORMAT)
+    if slides:
+        status = run_slides(predictor, slides, args)
+        if not images:
+            return status
     summary = predict_images(predictor, images, args.output, overwrite=args.overwrite)
     print(summary.table())
     for path, message in summary.failed.items():
