@@ -1,14 +1,21 @@
 """The embedding cache: keys, storage, damaged entries, eviction, concurrency, use by DESSAM."""
 
+import json
 import multiprocessing as mp
 import os
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from conftest import tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
+from dessam_d2.annotate import boxes_to_masks
+from dessam_d2.data import DESSAMDatasetMapper
 from dessam_d2.modeling.embedding_cache import EmbeddingCache, module_fingerprint
+from dessam_d2.predict import Predictor, predict_images
 
 SHAPE = (256, 4, 4)
 
@@ -213,3 +220,36 @@ def test_no_cache_for_a_trained_encoder(cfg, tmp_path):
     cfg.MODEL.SAM.FREEZE_ENCODER = False
     model = cached_model(cfg, tmp_path)
     assert model.embedding_cache is None
+
+
+def test_an_image_evaluated_once_is_a_hit_in_prediction_and_annotation(tmp_path):
+    """Evaluation (the test mapper), predict.py and boxes_to_masks.py build the model input with
+    one function, so they share cache entries: one miss in evaluation, then hits only."""
+    cfg = tiny_cfg(**{"MODEL.DESSAM.EMBEDDING_CACHE_DIR": str(tmp_path / "cache")})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    cache = model.embedding_cache
+    rgb = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), rgb[..., ::-1])
+    record = {"file_name": str(tmp_path / "a.png"), "image_id": 1, "height": 96, "width": 128}
+
+    with torch.no_grad():
+        model([DESSAMDatasetMapper(cfg, is_train=False)(record)])  # what evaluation runs
+    assert (cache.hits, cache.misses, cache.writes) == (0, 1, 1)
+
+    predict_images(Predictor(model), [record["file_name"]], str(tmp_path / "out"), progress=False)
+    assert (cache.hits, cache.misses, cache.writes) == (1, 1, 1)
+
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 96, "width": 128}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 20, 30, 25]}],
+    }
+    (tmp_path / "boxes.json").write_text(json.dumps(coco))
+    boxes_to_masks(
+        Predictor(model),
+        str(tmp_path / "boxes.json"),
+        str(tmp_path),
+        str(tmp_path / "masks.json"),
+        progress=False,
+    )
+    assert (cache.hits, cache.misses, cache.writes) == (2, 1, 1)
