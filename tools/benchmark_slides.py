@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Peak memory of whole-slide prediction on two synthetic slides of different sizes.
+
+    python tools/benchmark_slides.py --sizes 2048 6144 --work /tmp/slide_bench
+
+Writes square synthetic cytology slides (dessam_d2/data/synthetic_slide.py) and runs
+tools/predict.py on each in its own process (the demo's tiny SAM with random weights, level 0),
+reporting the process' peak RSS (ru_maxrss of that child alone), the tiles, nuclei and seconds.
+Flat peak RSS across sizes is what streaming promises. The last line is one JSON object.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEASURE = (
+    "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, "
+    "text=True); print(p.stdout); print(p.stderr[-2000:], file=sys.stderr); "
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+    "sys.exit(p.returncode)"
+)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 6144])
+    p.add_argument("--work", default="/tmp/dessam_slide_bench")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for predict.py")
+    args = p.parse_args()
+    from dessam_d2.data.synthetic_slide import write_synthetic_slide
+
+    os.makedirs(args.work, exist_ok=True)
+    results = []
+    for size in args.sizes:
+        slide = os.path.join(args.work, f"slide_{size}.tif")
+        if not os.path.exists(slide):
+            write_synthetic_slide(slide, (size, size), seed=size)
+        out = os.path.join(args.work, f"out_{size}")
+        cmd = [sys.executable, os.path.join(ROOT, "tools/predict.py")]
+        cmd += ["--config-file", os.path.join(ROOT, "configs/dessam_demo.yaml"), "--random-weights"]
+        cmd += ["--input", slide, "--output", out, "--overwrite"]
+        cmd += ["MODEL.SAM.CHECKPOINT", ""] + args.opts
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", MEASURE] + cmd, capture_output=True, text=True, cwd=ROOT
+        )
+        seconds = time.perf_counter() - start
+        if proc.returncode:
+            print(proc.stderr, file=sys.stderr)
+            return proc.returncode
+        maxrss = int(proc.stdout.split("MAXRSS_KB")[-1].split()[0])
+        table = {
+            line.rsplit(None, 1)[0].strip(): line.rsplit(None, 1)[1]
+            for line in proc.stdout.splitlines()
+            if line[:1].isalpha() and len(line.split()) > 1 and line.split()[-1].isdigit()
+        }
+        results.append(
+            {
+                "slide_px": f"{size}x{size}",
+                "slide_mb": round(os.path.getsize(slide) / 2**20, 1),
+                "tiles_predicted": int(table.get("tiles predicted", -1)),
+                "tiles_skipped": int(table.get("tiles skipped (no tissue)", -1)),
+                "nuclei": int(table.get("nuclei found", -1)),
+                "seconds": round(seconds, 1),
+                "peak_rss_mb": round(maxrss / 1024),
+            }
+        )
+        print(results[-1], flush=True)
+    print(json.dumps({"threads": os.environ.get("OMP_NUM_THREADS"), "runs": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
