@@ -62,7 +62,14 @@ def test_logits_equal_segment_anything_for_any_chunk_size(chunk_size, num_tokens
         b = ref.decode(emb, boxes, student=student)
     assert a.shape == b.shape == (7, 1, 64, 64)
     assert b.abs().max() > 10.0  # logits as large as a trained SAM's
-    assert (a - b).abs().max() < 1e-4
+    # Float32 rounding, relative to the largest logit: measured at most 1.02e-6 over 6 seeds x
+    # every parametrisation here, with 1 and 2 threads (2.6e-5 absolute at logits of 29).
+    assert (a - b).abs().max() <= 2e-6 * b.abs().max()
+    assert mask_iou(a > 0, b > 0).min() >= 0.99  # measured: 1.0
+
+
+def mask_iou(a, b):
+    return (a & b).sum((1, 2, 3)) / (a | b).sum((1, 2, 3)).clamp_min(1)
 
 
 def test_teacher_and_student_differ_and_student_reads_the_learnable_tokens():
@@ -133,7 +140,7 @@ def test_segment_anything_upscaling_modules_give_the_same_masks(tile_tokens, mon
         tiled = dec(sparse)
         dec.fast_upscaling = False
         modules = dec(sparse)
-    assert (tiled - modules).abs().max() < 1e-4
+    assert (tiled - modules).abs().max() <= 2e-6 * modules.abs().max()
 
 
 def test_bfloat16_only_in_inference_and_masks_agree_with_float32():
@@ -149,9 +156,9 @@ def test_bfloat16_only_in_inference_and_masks_agree_with_float32():
         train = fast.decode(emb, boxes, student=True)
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     assert torch.equal(train, fp32)
-    a, b = fp32 > 0, bf16 > 0
-    iou = (a & b).sum((1, 2, 3)) / (a | b).sum((1, 2, 3)).clamp_min(1)
-    assert iou.min() > 0.95
+    iou = mask_iou(fp32 > 0, bf16 > 0)
+    # measured over 8 seeds, 1 and 2 threads: mean 0.991-0.998, worst mask 0.984
+    assert iou.mean() >= 0.99 and iou.min() >= 0.98
 
 
 def test_no_boxes_give_an_empty_mask_batch():
@@ -169,4 +176,5 @@ def test_prompts_per_pass_does_not_change_the_logits():
     with torch.no_grad():
         one = SharedImageDecoder(fast.mask_decoder, emb, pe, dense[:1], prompts_per_pass=1)
         all_at_once = SharedImageDecoder(fast.mask_decoder, emb, pe, dense[:1], prompts_per_pass=5)
-        assert (one(sparse) - all_at_once(sparse)).abs().max() < 1e-4
+        reference = all_at_once(sparse)
+        assert (one(sparse) - reference).abs().max() <= 2e-6 * reference.abs().max()
