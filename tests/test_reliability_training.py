@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import cv2
 import numpy as np
@@ -53,6 +52,21 @@ def nan_at(self, batched_inputs):
         out["loss_local_pairwise"] = out["loss_local_pairwise"] * float("nan")
     return out
 DESSAM.forward = nan_at
+sys.argv = ["tools/train_net.py"] + sys.argv[1:]
+runpy.run_path("tools/train_net.py", run_name="__main__")
+"""
+
+# SIGKILLs the training process itself when iteration $KILL_AT starts.
+KILL_DRIVER = """
+import os, runpy, signal, sys
+from detectron2.utils.events import get_event_storage
+from dessam_d2.modeling.meta_arch import DESSAM
+forward = DESSAM.forward
+def kill_at(self, batched_inputs):
+    if self.training and get_event_storage().iter == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return forward(self, batched_inputs)
+DESSAM.forward = kill_at
 sys.argv = ["tools/train_net.py"] + sys.argv[1:]
 runpy.run_path("tools/train_net.py", run_name="__main__")
 """
@@ -135,24 +149,16 @@ def test_two_runs_with_the_same_seed_log_identical_losses(data_root, uninterrupt
 def test_a_killed_run_resumes_at_its_checkpoint_with_the_same_losses(
     data_root, uninterrupted, tmp_path
 ):
-    proc = subprocess.Popen(
-        command(tmp_path),
-        cwd=ROOT,
-        env=environment(data_root),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    log, deadline = tmp_path / "losses.jsonl", time.time() + 300
-    while not (log.exists() and '"iteration": 3' in log.read_text()) and time.time() < deadline:
-        assert proc.poll() is None, "training ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # Killed at a known point: by itself, when iteration 4 starts (after the checkpoint of
+    # iteration 2, CHECKPOINT_PERIOD 3, and the losses of iterations 0..3).
+    proc = train(data_root, tmp_path, driver=KILL_DRIVER, check=False, KILL_AT="4")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    log = tmp_path / "losses.jsonl"
     killed_lines = len(log.read_text().splitlines())
+    assert killed_lines == 4
     assert not (tmp_path / "model_final.pth").exists()
-    last = (tmp_path / "last_checkpoint").read_text()
-    assert last in ("model_0000002.pth", "model_0000005.pth")
-    done = int(last[6:13])
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+    done = 2
     # What a kill during a save leaves: a hidden temporary file, cleaned up by the next run.
     (tmp_path / ".model_0000005.pth.x1y2z3.tmp").write_bytes(b"half a checkpoint")
 
@@ -162,6 +168,7 @@ def test_a_killed_run_resumes_at_its_checkpoint_with_the_same_losses(
     assert len(log.read_text().splitlines()) == killed_lines + 7 - done
     resumed, expected = losses(tmp_path), losses(uninterrupted)
     assert [resumed[i] for i in range(done + 1, 8)] == [expected[i] for i in range(done + 1, 8)]
+    assert [resumed[i] for i in range(done + 1)] == [expected[i] for i in range(done + 1)]
 
 
 def test_a_nan_loss_stops_training_in_one_line_and_saves_nothing_after_it(data_root, tmp_path):
