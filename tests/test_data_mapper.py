@@ -11,7 +11,7 @@ from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from dessam_d2.data.mapper import DESSAMDatasetMapper
+from dessam_d2.data.mapper import DESSAMDatasetMapper, sam_model_input
 
 
 def _rgb(h, w):
@@ -160,3 +160,17 @@ def test_from_config_and_bad_arguments():
         DESSAMDatasetMapper(True, random_flip="diagonal")
     with pytest.raises(ValueError, match="image_format must be one of"):
         DESSAMDatasetMapper(True, image_format="YUV-BT.601")
+
+
+def test_bgr_format_reverses_the_channels_in_every_path(wide_image):
+    """INPUT.FORMAT BGR: the mapper (training, evaluation) and prediction (sam_model_input, via
+    Predictor) feed the model the same reversed channels."""
+    mapped = DESSAMDatasetMapper(False, image_size=64, image_format="BGR")(
+        _dict(wide_image, 100, 200, [])
+    )
+    assert mapped["image"][2].min() == 255 and mapped["image"][:2].max() == 0  # red last
+    direct, _ = sam_model_input(_rgb(100, 200), 64, "BGR")
+    assert torch.equal(direct["image"], mapped["image"])
+    assert direct["sam_transform"] == mapped["sam_transform"] == "longest64"
+    rgb, _ = sam_model_input(_rgb(100, 200), 64)
+    assert torch.equal(rgb["image"], direct["image"].flip(0))

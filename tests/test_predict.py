@@ -80,9 +80,11 @@ def test_tiled_prediction_keeps_every_nucleus_once_and_whole():
     whole = Predictor(ThresholdModel(image_size=256))(img)
     tiled = Predictor(ThresholdModel(), tile_size=64, tile_overlap=24)(img)
     assert len(whole) == len(tiled) == 5
-    for mask in tiled.pred_masks.numpy():
+    for mask, box in zip(tiled.pred_masks.numpy(), tiled.pred_boxes.tensor.tolist()):
         ids = np.unique(truth[mask])
         assert len(ids) == 1 and ids[0] > 0 and mask.sum() == (truth == ids[0]).sum()
+        ys, xs = np.nonzero(truth == ids[0])  # the box, moved from its tile to the image
+        assert box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
 def test_features_of_a_disc_and_an_ellipse():
