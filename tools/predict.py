@@ -59,7 +59,8 @@ def main(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     cfg = load_config(args.config_file, args.opts)
     slides, inputs = split_slides(args.input)  # whole-slide images: dessam_d2/slides.py
-    images = collect_images(inputs) if inputs or not slides else []
+    # nothing found at all: collect_images names the inputs given in its error
+    images = collect_images(inputs or args.input) if inputs or not slides else []
     flag = "--weights output/<run>/model_final.pth"
     weights = resolve_weights(cfg, args.weights, args.random_weights, args.config_file, flag)
     model = load_model_for_inference(cfg, weights)
