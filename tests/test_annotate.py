@@ -160,3 +160,29 @@ def test_bad_annotation_files_fail_clearly(tmp_path, predictor):
         boxes_to_masks(predictor, str(bad), str(tmp_path), str(tmp_path / "o.json"))
     with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
         boxes_to_masks(predictor, str(tmp_path / "missing.json"), ".", str(tmp_path / "o.json"))
+
+
+def test_a_box_reaching_outside_the_image_is_clipped_as_in_training(
+    boxes_only, sharp_predictor, tmp_path
+):
+    """The training mapper clips boxes to the image before they prompt the teacher; so does
+    boxes_to_masks (the clipped box, converted by hand, gives the same mask)."""
+    _, images, coco = boxes_only
+    info = coco["images"][0]
+    bbox = [-12.0, 70.0, 40.0, 40.0]  # left of and below the 96 x 128 image
+    one = {
+        **coco,
+        "images": [info],
+        "annotations": [{"id": 1, "image_id": info["id"], "bbox": bbox}],
+    }
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    out = tmp_path / "out.json"
+    boxes_to_masks(
+        sharp_predictor, str(tmp_path / "one.json"), str(images), str(out), progress=False
+    )
+    mask = _decoded(out)[1]
+    image = cv2.imread(str(images / info["file_name"]))[..., ::-1].copy()
+    inputs, _ = sam_model_input(image, 256)
+    clipped = torch.tensor([[0.0, 70.0, 28.0, 96.0]]) * 2.0
+    expected = sharp_predictor.model.segment_boxes([inputs], [clipped], student=False)
+    assert np.array_equal(mask, expected[0]["instances"].pred_masks[0].numpy())
