@@ -1,5 +1,5 @@
 """Config keys of DES-SAM. Defaults are the paper's (MICCAI 2024) or, where it is silent, the
-authors' released values (see ../shared/docs/SPEC.md)."""
+authors' released values (docs/METHOD.md lists each choice and its source)."""
 
 from detectron2.config import CfgNode as CN
 
@@ -35,6 +35,8 @@ def add_dessam_config(cfg: CN) -> None:
     _C.MODEL.DESSAM = CN()
     # Number of learnable prompt tokens appended to SAM's output tokens (T~ in Eq. 3).
     _C.MODEL.DESSAM.NUM_LEARNABLE_TOKENS = 1
+    # T~ starts from N(0, std^2) (authors' release: N(0, 1)).
+    _C.MODEL.DESSAM.TOKEN_INIT_STD = 1.0
     # Boxes sent through SAM's mask decoder at once (bounds memory; outputs do not depend on it).
     _C.MODEL.DESSAM.DECODER_CHUNK_SIZE = 40
     # Cap on student masks per image in training (positive RoIs are subsampled); 0 = all.
@@ -49,26 +51,18 @@ def add_dessam_config(cfg: CN) -> None:
     # alpha (local pairwise) and beta (global level-set) of Eq. 4.
     _C.MODEL.DESSAM.LOCAL_PAIRWISE_WEIGHT = 1.0
     _C.MODEL.DESSAM.GLOBAL_PAIRWISE_WEIGHT = 0.001
-    # Local pairwise neighbourhood: kernel size, dilation and colour-similarity threshold.
+    # L_lp's form: "boxsnake" (the paper's: sum w_ij |p_i - p_j| / sum w_ij, w = LAB colour
+    # similarity) or "boxinst" (BoxInst's -log P(same label) over edges with w >= COLOR_THRESH).
+    _C.MODEL.DESSAM.PAIRWISE_LOSS = "boxsnake"
+    # Local pairwise neighbourhood: kernel size and dilation; the threshold is BoxInst's only.
     _C.MODEL.DESSAM.PAIRWISE_SIZE = 3
     _C.MODEL.DESSAM.PAIRWISE_DILATION = 2
     _C.MODEL.DESSAM.PAIRWISE_COLOR_THRESH = 0.3
-    # Side of the RoIAligned box crop on which the edge-aware loss is computed.
+    # Side of the RoIAligned ground-truth box crop on which L_edge is computed (release: 72).
     _C.MODEL.DESSAM.EDGE_CROP_SIZE = 72
-    # Weight of a BoxInst-style box-projection term on the student mask. 0 in the paper; the
-    # demo turns it on because a randomly initialised SAM teacher has nothing to distil.
-    _C.MODEL.DESSAM.BOX_PROJECTION_WEIGHT = 0.0
-    # The distillation teacher: "sam" (the paper: frozen SAM prompted with the GT box) or
-    # "box_ellipse" (demo only: the ellipse inscribed in the GT box, for a random-init SAM).
-    _C.MODEL.DESSAM.TEACHER = "sam"
-    # Where L_distill is computed: "frame" (the paper: all 256x256 low-res logits) or "box"
-    # (a 32x32 crop around each box, 1.5x its size: balanced, for the demo's short training).
-    _C.MODEL.DESSAM.DISTILL_REGION = "frame"
-    # Cut each predicted mask to its box (+10 %). Off in the paper (SAM keeps to its prompt box);
-    # on in the demo, whose decoder is trained from scratch and never learns to stay in the box.
-    _C.MODEL.DESSAM.CLIP_MASKS_TO_BOX = False
-    # A pixel is nucleus where the student's mask probability exceeds this.
-    _C.MODEL.DESSAM.MASK_THRESHOLD = 0.5
+    # A pixel is nucleus where the student's mask *logit* exceeds this (release: 0.5, i.e. a
+    # probability above 0.622; the paper is silent).
+    _C.MODEL.DESSAM.MASK_LOGIT_THRESHOLD = 0.5
     # On-disk cache of the frozen encoder's embeddings; "" = off (the paper encodes every time).
     _C.MODEL.DESSAM.EMBEDDING_CACHE_DIR = ""
     # Storage dtype of cached embeddings: "float16" (half the disk; effect in README) or "float32".

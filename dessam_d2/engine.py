@@ -197,6 +197,27 @@ class ReseedHook(HookBase):
         seed_all_rng(seed)
 
 
+class TokenStatsHook(HookBase):
+    """Puts how the learnable prompt tokens T~ evolve into the event storage (metrics.json,
+    TensorBoard) every iteration: ``token/norm`` (||T~||), ``token/change`` (||T~ - T~_0||, T~_0
+    its initial value) and ``token/grad_norm`` (the last backward pass's gradient; it stays in
+    ``.grad`` until the next step zeroes it)."""
+
+    def after_step(self):
+        model = self.trainer.model
+        head = getattr(model, "module", model).roi_heads.mask_head
+        tokens = head.learnable_tokens.detach()
+        grad = head.learnable_tokens.grad
+        self.trainer.storage.put_scalars(
+            **{
+                "token/norm": float(tokens.norm()),
+                "token/change": float((tokens - head.learnable_tokens_init).norm()),
+                "token/grad_norm": float(grad.norm()) if grad is not None else 0.0,
+            },
+            smoothing_hint=False,
+        )
+
+
 class LossLogHook(HookBase):
     """Appends {"iteration", "lr", "total_loss", "loss_*"} of every iteration, unsmoothed, to
     ``losses.jsonl`` (main process)."""
@@ -392,5 +413,5 @@ class Trainer(DefaultTrainer):
         return build_nuclei_evaluators(dataset_name, output_folder, max_dets_per_image=max_dets)
 
     def build_hooks(self):
-        hooks = [ReseedHook()] + super().build_hooks()
+        hooks = [ReseedHook(), TokenStatsHook()] + super().build_hooks()
         return hooks + [ModelFingerprintHook(), LossLogHook(self.cfg.OUTPUT_DIR)]

@@ -24,7 +24,7 @@ def test_paper_defaults():
     assert (d.LOCAL_PAIRWISE_WEIGHT, d.GLOBAL_PAIRWISE_WEIGHT) == (1.0, 0.001)
     assert (d.PAIRWISE_SIZE, d.PAIRWISE_DILATION, d.PAIRWISE_COLOR_THRESH) == (3, 2, 0.3)
     assert (d.NUM_LEARNABLE_TOKENS, d.DECODER_CHUNK_SIZE, d.EDGE_CROP_SIZE) == (1, 40, 72)
-    assert (d.TEACHER, d.DISTILL_REGION, d.BOX_PROJECTION_WEIGHT) == ("sam", "frame", 0.0)
+    assert (d.PAIRWISE_LOSS, d.TOKEN_INIT_STD, d.MASK_LOGIT_THRESHOLD) == ("boxsnake", 1.0, 0.5)
     assert cfg.MODEL.SAM.FREEZE_ENCODER and cfg.MODEL.SAM.FREEZE_DECODER
     assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.55 and cfg.TEST.DETECTIONS_PER_IMAGE == 120
 
@@ -34,7 +34,7 @@ def test_paper_configs_are_the_paper_model():
     assert cfg.MODEL.SAM.VARIANT == "vit_b" and cfg.MODEL.SAM.IMAGE_SIZE == 1024
     assert cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST == 0.2
     assert cfg.SOLVER.BASE_LR == 0.002 and cfg.SOLVER.OPTIMIZER == "SGD"
-    assert cfg.MODEL.DESSAM.TEACHER == "sam" and cfg.MODEL.SAM.FREEZE_DECODER
+    assert cfg.MODEL.SAM.FREEZE_DECODER
     assert cfg.DATASETS.TEST == (
         "cnseg_clusterseg_test",
         "cnseg_domainseg_targeta_test",
@@ -56,3 +56,51 @@ def test_unknown_key_and_missing_file_are_one_line_errors(tmp_path):
         load_config("configs/dessam_demo.yaml", ["MODEL.NO_SUCH_KEY", "1"])
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# What the demo may change: sizes (the tiny SAM and the narrower heads) and the schedule.
+DEMO_SIZE_AND_SCHEDULE = (
+    "MODEL.SAM.",
+    "MODEL.FPN.OUT_CHANNELS",
+    "MODEL.ANCHOR_GENERATOR.SIZES",
+    "MODEL.RPN.IN_FEATURES",
+    "MODEL.RPN.POST_NMS_TOPK_",
+    "MODEL.ROI_HEADS.IN_FEATURES",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "MODEL.ROI_BOX_HEAD.CONV_DIM",
+    "MODEL.ROI_BOX_HEAD.FC_DIM",
+    "MODEL.DESSAM.MAX_TRAIN_MASKS_PER_IMAGE",
+    "DATASETS.",
+    "DATALOADER.NUM_WORKERS",
+    "SOLVER.IMS_PER_BATCH",
+    "SOLVER.BASE_LR",
+    "SOLVER.EPOCHS",
+    "SOLVER.STEP_EPOCHS",
+    "SOLVER.WARMUP_ITERS",
+    "SOLVER.CHECKPOINT_EPOCHS",
+    "SEED",
+    "OUTPUT_DIR",
+)
+
+
+def test_demo_config_is_the_paper_model_at_toy_scale():
+    """Every key outside sizes and schedule is Base-DESSAM's (the paper's model), and the
+    tiny SAM is frozen, pretrained and loaded from an official-format checkpoint."""
+    base = _flat(load_config("configs/Base-DESSAM.yaml"))
+    demo = _flat(load_config("configs/dessam_demo.yaml"))
+    differ = {k for k in base if base[k] != demo[k]}
+    assert {k for k in differ if not k.startswith(DEMO_SIZE_AND_SCHEDULE)} == set()
+    cfg = load_config("configs/dessam_demo.yaml")
+    assert cfg.MODEL.SAM.FREEZE_ENCODER and cfg.MODEL.SAM.FREEZE_DECODER
+    assert cfg.MODEL.SAM.CHECKPOINT == "weights/tiny_sam_shapes.pth"
+    assert cfg.SOLVER.OPTIMIZER == "SGD" and cfg.MODEL.DESSAM.PAIRWISE_LOSS == "boxsnake"

@@ -37,6 +37,7 @@ DATA_MD_NAMES = [
     "isbi2014_test",
     "dessam_synthetic_train",
     "dessam_synthetic_test",
+    "dessam_synthetic_shifted_test",
 ]
 
 

@@ -137,7 +137,21 @@ def test_make_splits_uses_different_seeds(tmp_path):
     assert paths == {
         "train": str(tmp_path / "train/annotations.json"),
         "test": str(tmp_path / "test/annotations.json"),
+        "test_shifted": str(tmp_path / "test_shifted/annotations.json"),
     }
-    assert (tmp_path / "train/images/00000.png").read_bytes() != (
-        tmp_path / "test/images/00000.png"
-    ).read_bytes()
+    pngs = [(tmp_path / s / "images/00000.png").read_bytes() for s in paths]
+    assert len(set(pngs)) == 3
+
+
+def test_the_shifted_style_changes_stain_and_nucleus_size():
+    rng = lambda: np.random.default_rng(4)  # noqa: E731
+    pap, masks = render_synthetic_image(rng(), (128, 128), (4, 4), (6.0, 8.0))
+    shifted, big = render_synthetic_image(rng(), (128, 128), (4, 4), (9.0, 12.0), "shifted")
+    inside = np.any(masks, axis=0)
+    inside_shifted = np.any(big, axis=0)
+    # Papanicolaou nuclei are blue-purple (B > R); the shifted style's are brown (R > B).
+    assert pap[inside, 2].mean() > pap[inside, 0].mean()
+    assert shifted[inside_shifted, 0].mean() > shifted[inside_shifted, 2].mean()
+    assert np.mean([m.sum() for m in big]) > 1.5 * np.mean([m.sum() for m in masks])
+    with pytest.raises(ValueError, match="unknown stain style"):
+        render_synthetic_image(rng(), (64, 64), (1, 1), (4.0, 5.0), "he")

@@ -298,10 +298,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"MODEL.DESSAM.TEACHER": "box_ellipse"}])
+@pytest.mark.parametrize("overrides", [{}, {"MODEL.DESSAM.PAIRWISE_LOSS": "boxinst"}])
 def test_no_nuclei_and_degenerate_boxes_give_finite_losses(tmp_path, one_thread, overrides):
     torch.manual_seed(0)
-    cfg = tiny_cfg(**{"MODEL.DESSAM.BOX_PROJECTION_WEIGHT": 1.0, **overrides})
+    cfg = tiny_cfg(**overrides)
     model = build_model(cfg).train()
     # an image with no nuclei, alone and next to one with nuclei: the same terms, all finite
     alone = _finite_losses(model, [synthetic_input(0, boxes=())])

@@ -82,12 +82,12 @@ BUILTIN_DATASETS: Dict[str, Tuple[str, str, str]] = {
     "isbi2014_train": ("isbi2014/annotations/train.json", "isbi2014", _ISBI),
     "isbi2014_test": ("isbi2014/annotations/test.json", "isbi2014", _ISBI),
     **{
-        f"dessam_synthetic_{split}": (
+        f"dessam_synthetic_{name}": (
             f"synthetic_cytology/{split}/annotations.json",
             f"synthetic_cytology/{split}/images",
             _SYNTH,
         )
-        for split in ("train", "test")
+        for name, split in (("train", "train"), ("test", "test"), ("shifted_test", "test_shifted"))
     },
 }
 

@@ -41,7 +41,22 @@ __all__ = [
 MIN_VISIBLE_AREA = 12  # pixels; smaller visible remnants of occluded nuclei are not annotated
 _MIN_VISIBLE_FRACTION = 0.25
 _TOUCH_PROBABILITY = 0.35
-_CYTOPLASM_COLOURS = np.array([[150.0, 200.0, 205.0], [228.0, 165.0, 185.0]])  # cyano/eosinophilic
+# Stain styles: Papanicolaou (the default: pale lavender background, cyanophilic / eosinophilic
+# cytoplasm, blue-purple nuclei) and a shifted one for a generalisation test (warm background,
+# yellow-green cytoplasm, brown nuclei), as the paper's TargetA/B differ in staining from
+# ClusterSeg.
+STYLES = {
+    "pap": {
+        "background": [232.0, 226.0, 238.0],
+        "cytoplasm": [[150.0, 200.0, 205.0], [228.0, 165.0, 185.0]],
+        "nucleus": [78.0, 58.0, 122.0],
+    },
+    "shifted": {
+        "background": [238.0, 232.0, 215.0],
+        "cytoplasm": [[205.0, 210.0, 150.0], [170.0, 205.0, 165.0]],
+        "nucleus": [120.0, 78.0, 52.0],
+    },
+}
 
 
 def _smooth_field(rng: np.random.Generator, shape: Tuple[int, int], cells: int) -> np.ndarray:
@@ -132,11 +147,15 @@ def render_synthetic_image(
     image_size: Tuple[int, int] = (256, 256),
     nuclei_per_image: Tuple[int, int] = (5, 20),
     nucleus_radius: Tuple[float, float] = (6.0, 16.0),
+    style: str = "pap",
 ) -> Tuple[np.ndarray, List[np.ndarray]]:
     """Draw one image. Returns (H x W x 3 uint8 RGB, visible nucleus masks: list of H x W bool)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown stain style {style!r}: one of {sorted(STYLES)}")
+    colours = STYLES[style]
     shape = (int(image_size[0]), int(image_size[1]))
     image = np.empty(shape + (3,), np.float32)
-    background = np.array([232.0, 226.0, 238.0]) + rng.uniform(-8, 8, 3)
+    background = np.array(colours["background"]) + rng.uniform(-8, 8, 3)
     image[:] = background
     image += 6.0 * _smooth_field(rng, shape, 4)[..., None]
 
@@ -158,7 +177,7 @@ def render_synthetic_image(
             rng.uniform(0, np.pi),
             wobble,
         )
-        colour = _CYTOPLASM_COLOURS[rng.integers(2)] + rng.uniform(-10, 10, 3)
+        colour = np.array(colours["cytoplasm"][rng.integers(2)]) + rng.uniform(-10, 10, 3)
         _composite(image, colour, _soft(cell, 1.5) * rng.uniform(0.3, 0.5))
 
     # nuclei: chromatin texture shared by the image, colour and darkness per nucleus
@@ -169,7 +188,7 @@ def render_synthetic_image(
     for index, n in enumerate(nuclei, start=1):
         mask = _blob_mask(shape, n["center"], n["radii"], n["angle"], n["wobble"])
         full_areas.append(int(mask.sum()))
-        colour = (np.array([78.0, 58.0, 122.0]) + rng.uniform(-12, 12, 3)) * n["darkness"]
+        colour = (np.array(colours["nucleus"]) + rng.uniform(-12, 12, 3)) * n["darkness"]
         _composite(image, colour * texture[..., None], _soft(mask, 0.7) * rng.uniform(0.85, 0.95))
         label[mask] = index  # drawn later = on top
 
@@ -228,6 +247,7 @@ def generate_synthetic_dataset(
     seed: int = 0,
     nuclei_per_image: Tuple[int, int] = (5, 20),
     nucleus_radius: Tuple[float, float] = (6.0, 16.0),
+    style: str = "pap",
 ) -> str:
     """Write ``output_dir/images/*.png`` and ``output_dir/annotations.json`` (COCO, RLE masks).
 
@@ -249,7 +269,7 @@ def generate_synthetic_dataset(
     images, annotations = [], []
     for index, child in enumerate(np.random.SeedSequence(seed).spawn(num_images)):
         image, masks = render_synthetic_image(
-            np.random.default_rng(child), (h, w), nuclei_per_image, nucleus_radius
+            np.random.default_rng(child), (h, w), nuclei_per_image, nucleus_radius, style
         )
         file_name = f"{index:05d}.png"
         ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
@@ -267,6 +287,7 @@ def generate_synthetic_dataset(
         "image_size": [h, w],
         "nuclei_per_image": list(nuclei_per_image),
         "nucleus_radius": [float(r) for r in nucleus_radius],
+        "style": style,
     }
     atomic_write_json(
         json_file,
@@ -287,18 +308,25 @@ def make_synthetic_cytology(
     seed: int = 0,
     **kwargs,
 ) -> Dict[str, str]:
-    """Write the ``train`` and ``test`` splits that ``dessam_synthetic_{train,test}`` load.
+    """Write the ``train``, ``test`` and ``test_shifted`` splits that
+    ``dessam_synthetic_{train,test,shifted_test}`` load.
 
     ``root`` defaults to ``$DETECTRON2_DATASETS/synthetic_cytology``. The test split uses
-    ``seed + 1`` so it never repeats a training image. Extra keyword arguments go to
-    :func:`generate_synthetic_dataset`. Returns {"train": json path, "test": json path}.
+    ``seed + 1`` so it never repeats a training image; ``test_shifted`` (seed + 2) has the
+    "shifted" stain and nuclei 1.5x larger, a domain the training set never shows. Extra keyword
+    arguments go to :func:`generate_synthetic_dataset`. Returns {split: json path}.
     """
     root = root or os.path.join(default_dataset_root(), "synthetic_cytology")
+    radius = kwargs.pop("nucleus_radius", (6.0, 16.0))
+    shifted = {**kwargs, "nucleus_radius": (radius[0] * 1.5, radius[1] * 1.5), "style": "shifted"}
     return {
         "train": generate_synthetic_dataset(
-            os.path.join(root, "train"), num_train, seed=seed, **kwargs
+            os.path.join(root, "train"), num_train, seed=seed, nucleus_radius=radius, **kwargs
         ),
         "test": generate_synthetic_dataset(
-            os.path.join(root, "test"), num_test, seed=seed + 1, **kwargs
+            os.path.join(root, "test"), num_test, seed=seed + 1, nucleus_radius=radius, **kwargs
+        ),
+        "test_shifted": generate_synthetic_dataset(
+            os.path.join(root, "test_shifted"), num_test, seed=seed + 2, **shifted
         ),
     }

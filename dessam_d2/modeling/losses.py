@@ -74,9 +74,26 @@ def color_similarity(lab: torch.Tensor, size: int = 3, dilation: int = 2) -> tor
 
 
 def local_pairwise_loss(
+    logits: torch.Tensor, similarity: torch.Tensor, size: int = 3, dilation: int = 2
+) -> torch.Tensor:
+    """L_lp of the paper (BoxSnake's local pairwise term): sum w_ij |p_i - p_j| / sum w_ij.
+
+    p = sigmoid(logits); w_ij the colour similarity of pixel i and its neighbour j
+    (``color_similarity``, 0 for neighbours outside the crop). No threshold: similar neighbours
+    with different probabilities cost most; a mask that is constant costs nothing, whatever its
+    value (it does not push pixels towards 0 or 1).
+    """
+    p = logits.sigmoid()
+    neigh, _ = _neighbours(p, size, dilation)  # N x 1 x K x H x W
+    diff = (p.unsqueeze(2) - neigh).abs()[:, 0]  # N x K x H x W
+    return (similarity * diff).sum() / similarity.sum().clamp_min(1e-6)
+
+
+def boxinst_pairwise_loss(
     logits: torch.Tensor, similarity: torch.Tensor, thresh: float, size: int = 3, dilation: int = 2
 ) -> torch.Tensor:
-    """-log P(i and j take the same label), averaged over edges with colour similarity >= thresh.
+    """BoxInst's pairwise term (an option, not the paper's): -log P(i and j take the same
+    label), averaged over the edges whose colour similarity is >= ``thresh``.
 
     P(same) = p_i p_j + (1 - p_i)(1 - p_j), computed in log space from the logits for stability.
     """
@@ -86,15 +103,17 @@ def local_pairwise_loss(
     neigh_bg, _ = _neighbours(log_bg, size, dilation)
     log_same = torch.logaddexp(log_fg.unsqueeze(2) + neigh_fg, log_bg.unsqueeze(2) + neigh_bg)
     edges = (similarity >= thresh).to(logits.dtype)  # N x K x H x W
-    loss = -(log_same[:, 0] * edges).sum() / edges.sum().clamp_min(1.0)
-    return loss
+    return -(log_same[:, 0] * edges).sum() / edges.sum().clamp_min(1.0)
 
 
 def levelset_energy(logits: torch.Tensor, image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Chan-Vese region energy of the soft mask against the crop's intensities (BoxLevelSet).
+    """L_gp: Chan-Vese region energy of the soft mask against the crop's intensities
+    (BoxLevelSet), averaged over the N instances.
 
-    E = sum_x sum_c [(I_c - m_in,c)^2 p + (I_c - m_out,c)^2 (1 - p)] / (H W C), with m_in / m_out
+    E = sum_x sum_c [(I_c - m_in,c)^2 p + (I_c - m_out,c)^2 (1 - p)] / (C H W), with m_in / m_out
     the mask-weighted means inside / outside. A mask that splits a two-valued crop exactly -> 0.
+    The paper's beta = 0.001 is sized for ``image`` in RGB on the 0-255 scale (as the authors'
+    release computes it): on [0, 1] intensities the term would be 65025 times smaller.
     """
     p = logits.sigmoid()
     inside = (image * p).sum((2, 3), keepdim=True) / (p.sum((2, 3), keepdim=True) + eps)
@@ -103,11 +122,3 @@ def levelset_energy(logits: torch.Tensor, image: torch.Tensor, eps: float = 1e-6
     )
     energy = (image - inside) ** 2 * p + (image - outside) ** 2 * (1 - p)
     return energy.mean()
-
-
-def box_projection_loss(logits: torch.Tensor, box_masks: torch.Tensor) -> torch.Tensor:
-    """BoxInst's projection term: Dice of the mask's x / y max-projections against the box's."""
-    p = logits.sigmoid()
-    loss_x = soft_dice_loss(p.amax(dim=2), box_masks.amax(dim=2))
-    loss_y = soft_dice_loss(p.amax(dim=3), box_masks.amax(dim=3))
-    return loss_x + loss_y

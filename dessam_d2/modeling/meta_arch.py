@@ -49,8 +49,7 @@ class DESSAM(nn.Module):
         pixel_std: List[float],
         image_size: int,
         loss_dect_weight: float = 1.0,
-        mask_threshold: float = 0.5,
-        clip_masks_to_box: bool = False,
+        mask_logit_threshold: float = 0.5,
         sam_checkpoint: str = "",
         sam_variant: str = "",
         embedding_cache_dir: str = "",
@@ -63,8 +62,7 @@ class DESSAM(nn.Module):
         self.roi_heads = roi_heads
         self.image_size = image_size
         self.loss_dect_weight = loss_dect_weight
-        self.mask_logit_threshold = float(torch.logit(torch.tensor(mask_threshold)))
-        self.clip_masks_to_box = clip_masks_to_box
+        self.mask_logit_threshold = float(mask_logit_threshold)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         if sam_checkpoint:
@@ -96,8 +94,7 @@ class DESSAM(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "image_size": cfg.MODEL.SAM.IMAGE_SIZE,
             "loss_dect_weight": cfg.MODEL.DESSAM.LOSS_DECT_WEIGHT,
-            "mask_threshold": cfg.MODEL.DESSAM.MASK_THRESHOLD,
-            "clip_masks_to_box": cfg.MODEL.DESSAM.CLIP_MASKS_TO_BOX,
+            "mask_logit_threshold": cfg.MODEL.DESSAM.MASK_LOGIT_THRESHOLD,
             "sam_checkpoint": cfg.MODEL.SAM.CHECKPOINT,
             "sam_variant": cfg.MODEL.SAM.VARIANT,
             "embedding_cache_dir": cfg.MODEL.DESSAM.EMBEDDING_CACHE_DIR,
@@ -274,23 +271,12 @@ class DESSAM(nn.Module):
         out.pred_classes = results.pred_classes
         logits = results.pred_mask_logits
         masks = []
-        if self.clip_masks_to_box:
-            # Each box grown by 10 % per side: the prompt box bounds its nucleus.
-            b = boxes.tensor.to(logits.device)
-            grow = (b[:, 2:] - b[:, :2]) * 0.1 + 1
-            limits = torch.cat([b[:, :2] - grow, b[:, 2:] + grow], dim=1)
-            ys = torch.arange(height, device=logits.device)[None, :, None] + 0.5
-            xs = torch.arange(width, device=logits.device)[None, None, :] + 0.5
-        for i, chunk in enumerate(logits.split(16)):  # bounded memory with hundreds of nuclei
+        for chunk in logits.split(16):  # bounded memory with hundreds of nuclei
             up = F.interpolate(chunk, (self.image_size,) * 2, mode="bilinear", align_corners=False)
             up = F.interpolate(
                 up[..., :h, :w], (height, width), mode="bilinear", align_corners=False
             )
-            m = up[:, 0] > self.mask_logit_threshold
-            if self.clip_masks_to_box:
-                lim = limits[16 * i : 16 * i + len(chunk), :, None, None]
-                m &= (xs >= lim[:, 0]) & (xs <= lim[:, 2]) & (ys >= lim[:, 1]) & (ys <= lim[:, 3])
-            masks.append(m)
+            masks.append(up[:, 0] > self.mask_logit_threshold)
         out.pred_masks = (
             torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool)
         )

@@ -6,7 +6,7 @@ tokens). Both read their mask from the first mask token (single-mask output).
 """
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import CfgNode, configurable
@@ -16,17 +16,9 @@ from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, buil
 from detectron2.structures import Instances
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
-from torchvision.ops import roi_align
 
+from .criterion import MASK_LOSSES, DESSAMCriterion
 from .fast_decoder import SharedImageDecoder
-from .losses import (
-    box_projection_loss,
-    color_similarity,
-    distillation_loss,
-    levelset_energy,
-    local_pairwise_loss,
-    rgb_to_lab,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -72,34 +64,28 @@ class SAMPromptMaskHead(nn.Module):
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
         image_size: int,
+        criterion: Optional[DESSAMCriterion] = None,
         num_learnable_tokens: int = 1,
+        token_init_std: float = 1.0,
         chunk_size: int = 40,
         freeze_decoder: bool = True,
         max_train_masks: int = 0,
-        distill_weight: float = 1.0,
-        distill_bce_weight: float = 1.0,
-        distill_dice_weight: float = 1.0,
-        pairwise_weight: float = 1.0,
-        local_pairwise_weight: float = 1.0,
-        global_pairwise_weight: float = 0.001,
-        pairwise_size: int = 3,
-        pairwise_dilation: int = 2,
-        pairwise_color_thresh: float = 0.3,
-        edge_crop_size: int = 72,
-        box_projection_weight: float = 0.0,
-        teacher: str = "sam",
-        distill_region: str = "frame",
         fast_decoder: bool = True,
         inference_dtype: str = "float32",
     ):
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        # The paper's losses and weights unless given.
+        self.criterion = criterion or DESSAMCriterion(image_size=image_size)
         self.image_size = image_size
         embed_dim = mask_decoder.transformer_dim
-        # T~ of Eq. 3. Small init: at step 0 the student is close to SAM itself.
-        self.learnable_tokens = nn.Parameter(torch.zeros(num_learnable_tokens, embed_dim))
-        nn.init.trunc_normal_(self.learnable_tokens, std=0.02)
+        # T~ of Eq. 3, drawn from N(0, token_init_std^2) (the authors' release: N(0, 1), the
+        # scale of SAM's own token embeddings). Its starting value is kept (a buffer, saved with
+        # the model) so training can report how far the token moved.
+        tokens = torch.randn(num_learnable_tokens, embed_dim) * token_init_std
+        self.learnable_tokens = nn.Parameter(tokens)
+        self.register_buffer("learnable_tokens_init", tokens.clone())
         self.chunk_size = max(int(chunk_size), 1)
         self.freeze_decoder = freeze_decoder
         if freeze_decoder:
@@ -120,21 +106,9 @@ class SAMPromptMaskHead(nn.Module):
                 for p in module.parameters():
                     p.requires_grad_(False)
         self.max_train_masks = max_train_masks
-        self.w_bce = distill_weight * distill_bce_weight
-        self.w_dice = distill_weight * distill_dice_weight
-        self.w_local = pairwise_weight * local_pairwise_weight
-        self.w_global = pairwise_weight * global_pairwise_weight
-        self.pairwise_size = pairwise_size
-        self.pairwise_dilation = pairwise_dilation
-        self.pairwise_color_thresh = pairwise_color_thresh
-        self.edge_crop_size = edge_crop_size
-        self.w_proj = box_projection_weight
-        if teacher not in ("sam", "box_ellipse"):
-            raise ValueError(f"MODEL.DESSAM.TEACHER={teacher!r}: use 'sam' or 'box_ellipse'")
-        self.teacher = teacher
-        if distill_region not in ("frame", "box"):
-            raise ValueError(f"MODEL.DESSAM.DISTILL_REGION={distill_region!r}: 'frame' or 'box'")
-        self.distill_region = distill_region
+        # Inference decodes as the student (with T~); False gives SAM's own tokens, the paper's
+        # ablation without the prompt (Tables 4-5, first row).
+        self.tokens_at_inference = True
         self.fast_decoder = fast_decoder
         if inference_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"decoder inference dtype {inference_dtype!r}: float32 or bfloat16")
@@ -146,27 +120,30 @@ class SAMPromptMaskHead(nn.Module):
         prompt_encoder, mask_decoder = build_sam_prompt_modules(
             sam.IMAGE_SIZE, sam.PATCH_SIZE, sam.PROMPT_EMBED_DIM, sam.DECODER_MLP_DIM
         )
+        criterion = DESSAMCriterion(
+            image_size=sam.IMAGE_SIZE,
+            distill_weight=d.LOSS_DISTILL_WEIGHT,
+            distill_bce_weight=d.DISTILL_BCE_WEIGHT,
+            distill_dice_weight=d.DISTILL_DICE_WEIGHT,
+            pairwise_weight=d.LOSS_PAIRWISE_WEIGHT,
+            local_pairwise_weight=d.LOCAL_PAIRWISE_WEIGHT,
+            global_pairwise_weight=d.GLOBAL_PAIRWISE_WEIGHT,
+            pairwise_loss=d.PAIRWISE_LOSS,
+            pairwise_size=d.PAIRWISE_SIZE,
+            pairwise_dilation=d.PAIRWISE_DILATION,
+            pairwise_color_thresh=d.PAIRWISE_COLOR_THRESH,
+            crop_size=d.EDGE_CROP_SIZE,
+        )
         return {
             "prompt_encoder": prompt_encoder,
             "mask_decoder": mask_decoder,
+            "criterion": criterion,
             "image_size": sam.IMAGE_SIZE,
             "num_learnable_tokens": d.NUM_LEARNABLE_TOKENS,
+            "token_init_std": d.TOKEN_INIT_STD,
             "chunk_size": d.DECODER_CHUNK_SIZE,
             "freeze_decoder": sam.FREEZE_DECODER,
             "max_train_masks": d.MAX_TRAIN_MASKS_PER_IMAGE,
-            "distill_weight": d.LOSS_DISTILL_WEIGHT,
-            "distill_bce_weight": d.DISTILL_BCE_WEIGHT,
-            "distill_dice_weight": d.DISTILL_DICE_WEIGHT,
-            "pairwise_weight": d.LOSS_PAIRWISE_WEIGHT,
-            "local_pairwise_weight": d.LOCAL_PAIRWISE_WEIGHT,
-            "global_pairwise_weight": d.GLOBAL_PAIRWISE_WEIGHT,
-            "pairwise_size": d.PAIRWISE_SIZE,
-            "pairwise_dilation": d.PAIRWISE_DILATION,
-            "pairwise_color_thresh": d.PAIRWISE_COLOR_THRESH,
-            "edge_crop_size": d.EDGE_CROP_SIZE,
-            "box_projection_weight": d.BOX_PROJECTION_WEIGHT,
-            "teacher": d.TEACHER,
-            "distill_region": d.DISTILL_REGION,
             "fast_decoder": d.FAST_DECODER,
             "inference_dtype": d.DECODER_INFERENCE_DTYPE,
         }
@@ -223,7 +200,8 @@ class SAMPromptMaskHead(nn.Module):
         embeddings = features["sam_embed"]
         if not self.training:
             for emb, inst in zip(embeddings, instances):
-                inst.pred_mask_logits = self.decode(emb[None], inst.pred_boxes.tensor, student=True)
+                boxes = inst.pred_boxes.tensor
+                inst.pred_mask_logits = self.decode(emb[None], boxes, self.tokens_at_inference)
             return instances
         return self.losses(embeddings, features["image"], instances)
 
@@ -236,6 +214,8 @@ class SAMPromptMaskHead(nn.Module):
     def losses(
         self, embeddings: torch.Tensor, images: torch.Tensor, instances: List[Instances]
     ) -> Dict[str, torch.Tensor]:
+        """Teacher (GT box, SAM's tokens, no grad) and student (predicted box, tokens + T~)
+        logits for every positive RoI, then the criterion's weighted terms."""
         student_logits, teacher_logits, gt_boxes, image_ids = [], [], [], []
         for i, (emb, inst) in enumerate(zip(embeddings, instances)):
             inst = self._select(inst)
@@ -245,10 +225,7 @@ class SAMPromptMaskHead(nn.Module):
             # One teacher run per ground-truth nucleus, shared by all its positive RoIs.
             uniq, inverse = torch.unique(gt, dim=0, return_inverse=True)
             with torch.no_grad():
-                if self.teacher == "box_ellipse":
-                    teacher = box_ellipse_logits(uniq, 4 * emb.shape[-1], self.image_size)
-                else:
-                    teacher = self.decode(emb[None], uniq, student=False)
+                teacher = self.decode(emb[None], uniq, student=False)
             pred = inst.proposal_boxes.tensor.detach().clamp(0, self.image_size)
             student_logits.append(self.decode(emb[None], pred, student=True))
             teacher_logits.append(teacher[inverse])
@@ -258,71 +235,14 @@ class SAMPromptMaskHead(nn.Module):
             # No positive RoI in the batch: zero losses that still reach every trainable
             # parameter, so data-parallel training sees the same graph on every rank.
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-            names = ["loss_distill_bce", "loss_distill_dice", "loss_local_pairwise"]
-            names += ["loss_global_levelset"] + (["loss_box_proj"] if self.w_proj > 0 else [])
-            return {k: zero for k in names}
-
-        student = torch.cat(student_logits)  # R x 1 x m x m
-        teacher = torch.cat(teacher_logits)
-        boxes = torch.cat(gt_boxes)
-        # RoIs into the images (batch index = image) and into the masks (one mask per RoI).
-        rois = torch.cat([torch.cat(image_ids)[:, None].to(boxes.dtype), boxes], dim=1)
-        own = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None]
-
-        if self.distill_region == "box":
-            # Around each box only (x1.5): nucleus and background pixels in balance.
-            centre, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) * 0.75
-            around = torch.cat([own, centre - half, centre + half], dim=1)
-            scale = student.shape[-1] / self.image_size
-            s_crop = roi_align(student, around, 32, spatial_scale=scale, aligned=True)
-            t_crop = roi_align(teacher, around, 32, spatial_scale=scale, aligned=True)
-            bce, dice = distillation_loss(s_crop, t_crop)
-        else:
-            bce, dice = distillation_loss(student, teacher)
-        losses = {"loss_distill_bce": self.w_bce * bce, "loss_distill_dice": self.w_dice * dice}
-
-        # Edge-aware loss on the ground-truth box's crop (the only region boxes tell about).
-        crop = self.edge_crop_size
-        scale = student.shape[-1] / self.image_size
-        crop_logits = roi_align(student, torch.cat([own, boxes], 1), crop, scale, aligned=True)
-        crop_rgb = roi_align(images.to(student.dtype), rois, crop, aligned=True)
-        lab = rgb_to_lab(crop_rgb)
-        sim = color_similarity(lab, self.pairwise_size, self.pairwise_dilation)
-        losses["loss_local_pairwise"] = self.w_local * local_pairwise_loss(
-            crop_logits, sim, self.pairwise_color_thresh, self.pairwise_size, self.pairwise_dilation
+            return {k: zero for k in MASK_LOSSES}
+        return self.criterion(
+            torch.cat(student_logits),  # R x 1 x m x m
+            torch.cat(teacher_logits),
+            images,
+            torch.cat(gt_boxes),
+            torch.cat(image_ids),
         )
-        losses["loss_global_levelset"] = self.w_global * levelset_energy(
-            crop_logits, crop_rgb / 255
-        )
-        if self.w_proj > 0:
-            losses["loss_box_proj"] = self.w_proj * box_projection_loss(
-                student, box_masks_like(student, boxes * scale)
-            )
-        return losses
-
-
-def box_ellipse_logits(boxes: torch.Tensor, side: int, image_size: int) -> torch.Tensor:
-    """R x 1 x side x side logits (+10 / -10) of the ellipses inscribed in XYXY boxes.
-
-    The demo's stand-in teacher when no pretrained SAM exists: a box-only shape prior.
-    """
-    b = boxes * (side / image_size)
-    coords = torch.arange(side, device=boxes.device, dtype=boxes.dtype) + 0.5
-    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-    rx, ry = ((b[:, 2] - b[:, 0]) / 2).clamp_min(0.5), ((b[:, 3] - b[:, 1]) / 2).clamp_min(0.5)
-    dx = ((coords[None] - cx[:, None]) / rx[:, None]) ** 2  # R x side
-    dy = ((coords[None] - cy[:, None]) / ry[:, None]) ** 2
-    inside = dy[:, :, None] + dx[:, None, :] <= 1
-    return (inside.to(boxes.dtype) * 20 - 10)[:, None]
-
-
-def box_masks_like(logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """R x 1 x m x m binary masks of XYXY boxes given in the mask's pixel frame."""
-    side = logits.shape[-1]
-    coords = torch.arange(side, device=logits.device, dtype=logits.dtype) + 0.5
-    inside_x = (coords[None] >= boxes[:, 0:1]) & (coords[None] <= boxes[:, 2:3])
-    inside_y = (coords[None] >= boxes[:, 1:2]) & (coords[None] <= boxes[:, 3:4])
-    return (inside_y[:, :, None] & inside_x[:, None, :]).to(logits.dtype)[:, None]
 
 
 @ROI_HEADS_REGISTRY.register()

@@ -1,0 +1,110 @@
+"""Which mask losses DES-SAM computes, on which crops, with which weights (Eqs. 2, 4, 5).
+
+The mask head produces, for the R positive RoIs of a batch, the student's low-res logits
+(prompted with the box head's prediction) and the teacher's (prompted with the matched
+ground-truth box). This module turns them into the loss terms:
+
+* L_distill (Eq. 2) on the whole low-res frame: BCE and Dice of the student against the
+  teacher's binarised mask [Y_t > 0], weights lambda_distill x (1, 1);
+* L_edge (Eq. 4) on a ``crop_size`` x ``crop_size`` RoIAligned crop of the ground-truth box,
+  student logits and image alike: alpha x L_lp (BoxSnake's local pairwise term on the crop's LAB
+  colours) + beta x L_gp (BoxLevelSet's region energy on the crop's RGB, 0-255 scale), all
+  x lambda_pairwise.
+"""
+
+from typing import Dict
+
+import torch
+from torchvision.ops import roi_align
+
+from .losses import (
+    boxinst_pairwise_loss,
+    color_similarity,
+    distillation_loss,
+    levelset_energy,
+    local_pairwise_loss,
+    rgb_to_lab,
+)
+
+MASK_LOSSES = (
+    "loss_distill_bce",
+    "loss_distill_dice",
+    "loss_local_pairwise",
+    "loss_global_levelset",
+)
+
+
+class DESSAMCriterion:
+    """Weighted mask losses of DES-SAM; plain arguments, defaults = the paper's."""
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        distill_weight: float = 1.0,
+        distill_bce_weight: float = 1.0,
+        distill_dice_weight: float = 1.0,
+        pairwise_weight: float = 1.0,
+        local_pairwise_weight: float = 1.0,
+        global_pairwise_weight: float = 0.001,
+        pairwise_loss: str = "boxsnake",
+        pairwise_size: int = 3,
+        pairwise_dilation: int = 2,
+        pairwise_color_thresh: float = 0.3,
+        crop_size: int = 72,
+    ):
+        if pairwise_loss not in ("boxsnake", "boxinst"):
+            raise ValueError(f"MODEL.DESSAM.PAIRWISE_LOSS={pairwise_loss!r}: boxsnake or boxinst")
+        self.image_size = image_size
+        self.w_bce = distill_weight * distill_bce_weight
+        self.w_dice = distill_weight * distill_dice_weight
+        self.w_local = pairwise_weight * local_pairwise_weight
+        self.w_global = pairwise_weight * global_pairwise_weight
+        self.pairwise_loss = pairwise_loss
+        self.size = pairwise_size
+        self.dilation = pairwise_dilation
+        self.color_thresh = pairwise_color_thresh
+        self.crop_size = crop_size
+
+    def edge_crops(
+        self,
+        student: torch.Tensor,
+        images: torch.Tensor,
+        boxes: torch.Tensor,
+        image_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoIAligned crops of each ground-truth box: (R x 1 x c x c logits, R x 3 x c x c RGB).
+
+        ``student`` is R x 1 x m x m over the padded S x S input, ``images`` B x 3 x S x S RGB
+        in [0, 255], ``boxes`` R x 4 XYXY in input pixels, ``image_ids`` R batch indices.
+        """
+        c = self.crop_size
+        own = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None]
+        scale = student.shape[-1] / self.image_size
+        logits = roi_align(student, torch.cat([own, boxes], 1), c, scale, aligned=True)
+        rois = torch.cat([image_ids[:, None].to(boxes.dtype), boxes], dim=1)
+        rgb = roi_align(images.to(student.dtype), rois, c, aligned=True)
+        return logits, rgb
+
+    def __call__(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        images: torch.Tensor,
+        boxes: torch.Tensor,
+        image_ids: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:
+        """The weighted terms of MASK_LOSSES for R RoIs (student and teacher R x 1 x m x m)."""
+        bce, dice = distillation_loss(student, teacher)
+        losses = {"loss_distill_bce": self.w_bce * bce, "loss_distill_dice": self.w_dice * dice}
+        crop_logits, crop_rgb = self.edge_crops(student, images, boxes, image_ids)
+        sim = color_similarity(rgb_to_lab(crop_rgb), self.size, self.dilation)
+        if self.pairwise_loss == "boxsnake":
+            local = local_pairwise_loss(crop_logits, sim, self.size, self.dilation)
+        else:
+            local = boxinst_pairwise_loss(
+                crop_logits, sim, self.color_thresh, self.size, self.dilation
+            )
+        losses["loss_local_pairwise"] = self.w_local * local
+        losses["loss_global_levelset"] = self.w_global * levelset_energy(crop_logits, crop_rgb)
+        return losses

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Pretrain the demo's tiny SAM on synthetic scenes (box prompts, full mask supervision).
+
+Writes an official-format SAM checkpoint (the shipped one is weights/tiny_sam_shapes.pth) and a
+JSON log beside it (losses, held-out mask IoU before/after, settings). Seeded: the same command
+on the same machine and thread count gives the same file.
+
+    python tools/pretrain_tiny_sam.py [--output weights/tiny_sam_shapes.pth] [--iterations 1500]
+"""
+
+import argparse
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config-file", default="configs/dessam_demo.yaml", help="SAM shapes")
+    p.add_argument("--output", default="weights/tiny_sam_shapes.pth")
+    p.add_argument("--iterations", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=2, help="scenes per iteration")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", default="", help="continue from this checkpoint (a second phase)")
+    p.add_argument("--first-scene", type=int, default=0, help="index of the first scene")
+    args = p.parse_args()
+
+    import json
+    import logging
+    import os
+    import sys
+
+    import torch
+
+    from dessam_d2.cli import run_cli
+    from dessam_d2.engine import load_config
+    from dessam_d2.tiny_sam import pretrain_tiny_sam
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+
+    def run():
+        cfg = load_config(args.config_file, ["MODEL.SAM.CHECKPOINT", ""])
+        log = pretrain_tiny_sam(
+            cfg,
+            args.output,
+            args.iterations,
+            args.batch,
+            args.lr,
+            seed=args.seed,
+            init=args.init,
+            first_scene=args.first_scene,
+        )
+        log.update(config=args.config_file, threads=args.threads, torch=torch.__version__)
+        log["command"] = " ".join(sys.argv)
+        with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
+            json.dump(log, f, indent=1)
+        print(
+            f"wrote {args.output}: held-out mask IoU {log['held_out_iou_before']:.3f} -> "
+            f"{log['held_out_iou_after']:.3f}"
+        )
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main()
