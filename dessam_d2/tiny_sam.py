@@ -25,9 +25,9 @@ from torch import nn
 
 from .checkpointing import atomic_open
 from .data.synthetic_shapes import render_shapes_scene
+from .modeling.checkpoint import load_sam_checkpoint
 from .modeling.fast_decoder import SharedImageDecoder
 from .modeling.losses import soft_dice_loss
-from .modeling.checkpoint import load_sam_checkpoint
 from .modeling.prompt_mask_head import build_sam_prompt_modules
 from .modeling.sam_backbone import SAMImageEncoder, sam_encoder_shape
 
@@ -55,7 +55,13 @@ def build_sam_parts(cfg: CfgNode) -> Dict[str, nn.Module]:
 
 
 def scene_batch(
-    first_seed: int, batch: int, size: int, max_boxes: int, jitter: float, rng: np.random.Generator
+    first_seed: int,
+    batch: int,
+    size: int,
+    max_boxes: int,
+    jitter: float,
+    rng: np.random.Generator,
+    num_objects: Tuple[int, int] = (4, 14),
 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(3 x S x S image, N x 4 prompt boxes, N x S x S masks) for scenes first_seed, ... .
 
@@ -64,7 +70,7 @@ def scene_batch(
     prompts such as a detector's.
     """
     for k in range(batch):
-        image, masks = render_shapes_scene(first_seed + k, size)
+        image, masks = render_shapes_scene(first_seed + k, size, num_objects)
         if not masks:
             continue
         if len(masks) > max_boxes:
@@ -145,6 +151,7 @@ def pretrain_tiny_sam(
     save_every: int = 200,
     init: str = "",
     first_scene: int = 0,
+    num_objects: Tuple[int, int] = (4, 14),
 ) -> Dict:
     """Train the SAM parts of ``cfg`` on synthetic scenes and write an official-format checkpoint.
 
@@ -172,6 +179,7 @@ def pretrain_tiny_sam(
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
     log = {"iterations": iterations, "batch": batch, "lr": lr, "seed": seed, "init": init}
+    log["num_objects"] = list(num_objects)
     log["losses"] = []
     log["held_out_iou_before"] = evaluate_parts(parts, cfg, held_out, pixel_mean, pixel_std)
     logger.info(f"held-out mask IoU before pretraining: {log['held_out_iou_before']:.3f}")
@@ -179,7 +187,9 @@ def pretrain_tiny_sam(
     for it in range(iterations):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it)
-        samples = list(scene_batch(first_scene + it * batch, batch, size, max_boxes, jitter, rng))
+        samples = list(
+            scene_batch(first_scene + it * batch, batch, size, max_boxes, jitter, rng, num_objects)
+        )
         images = torch.stack([(img - pixel_mean) / pixel_std for img, _, _ in samples])
         embeddings = parts["image_encoder"](images)
         bce = dice = 0.0

@@ -1,6 +1,7 @@
 """Every config file loads on top of add_dessam_config; unchanged keys keep the paper defaults."""
 
 import glob
+import os
 
 import pytest
 from detectron2.config import get_cfg
@@ -104,3 +105,21 @@ def test_demo_config_is_the_paper_model_at_toy_scale():
     assert cfg.MODEL.SAM.FREEZE_ENCODER and cfg.MODEL.SAM.FREEZE_DECODER
     assert cfg.MODEL.SAM.CHECKPOINT == "weights/tiny_sam_shapes.pth"
     assert cfg.SOLVER.OPTIMIZER == "SGD" and cfg.MODEL.DESSAM.PAIRWISE_LOSS == "boxsnake"
+
+
+def test_the_project_points_nowhere_outside_itself():
+    """Users clone this repository alone: no file may send them to a sibling folder."""
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    outside = "../" + "shared"
+    hits = [
+        f
+        for f in files
+        if os.path.isfile(f)
+        and not f.endswith(".pth")
+        and outside in open(f, errors="ignore").read()
+    ]
+    assert hits == []

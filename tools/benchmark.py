@@ -35,7 +35,8 @@ import torch
 
 from dessam_d2.cli import GLIBC_MALLOC_ENV, tune_malloc
 
-# Figures of the straightforward prototype on this machine (../shared/docs/INSTALL.md).
+# Figures of a straightforward first prototype (SAM + heads, no cache, segment-anything decoder),
+# measured on a machine of this kind (2-core CPU) before this package existed.
 PROTOTYPE = {
     "encoder_s": 11.1,
     "train_step_cached_s": 40.5,

@@ -22,6 +22,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--init", default="", help="continue from this checkpoint (a second phase)")
     p.add_argument("--first-scene", type=int, default=0, help="index of the first scene")
+    p.add_argument("--objects", type=int, nargs=2, default=[4, 14], help="objects per scene")
     args = p.parse_args()
 
     import json
@@ -49,6 +50,7 @@ def main():
             seed=args.seed,
             init=args.init,
             first_scene=args.first_scene,
+            num_objects=tuple(args.objects),
         )
         log.update(config=args.config_file, threads=args.threads, torch=torch.__version__)
         log["command"] = " ".join(sys.argv)
