@@ -152,6 +152,7 @@ def pretrain_tiny_sam(
     init: str = "",
     first_scene: int = 0,
     num_objects: Tuple[int, int] = (4, 14),
+    stop_after: int = 0,
 ) -> Dict:
     """Train the SAM parts of ``cfg`` on synthetic scenes and write an official-format checkpoint.
 
@@ -184,7 +185,7 @@ def pretrain_tiny_sam(
     log["held_out_iou_before"] = evaluate_parts(parts, cfg, held_out, pixel_mean, pixel_std)
     logger.info(f"held-out mask IoU before pretraining: {log['held_out_iou_before']:.3f}")
     start = time.perf_counter()
-    for it in range(iterations):
+    for it in range(stop_after or iterations):  # stop_after: the schedule is still `iterations`
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it)
         samples = list(

@@ -23,6 +23,7 @@ def main():
     p.add_argument("--init", default="", help="continue from this checkpoint (a second phase)")
     p.add_argument("--first-scene", type=int, default=0, help="index of the first scene")
     p.add_argument("--objects", type=int, nargs=2, default=[4, 14], help="objects per scene")
+    p.add_argument("--stop-after", type=int, default=0, help="stop after N iterations")
     args = p.parse_args()
 
     import json
@@ -51,6 +52,7 @@ def main():
             init=args.init,
             first_scene=args.first_scene,
             num_objects=tuple(args.objects),
+            stop_after=args.stop_after,
         )
         log.update(config=args.config_file, threads=args.threads, torch=torch.__version__)
         log["command"] = " ".join(sys.argv)
