@@ -13,6 +13,7 @@ from dessam_d2.data.synthetic import make_synthetic_cytology
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "MODEL.SAM.IMAGE_SIZE", "128",
+    "MODEL.SAM.CHECKPOINT", "",  # the shipped tiny SAM is for 256 px
     "SOLVER.EPOCHS", "0",
     "SOLVER.IMS_PER_BATCH", "2",
     "SOLVER.WARMUP_ITERS", "1",
