@@ -62,7 +62,8 @@ def test_two_cpu_processes_train_the_same_model(data_root, tmp_path):
     metrics = [json.loads(line) for line in open(out / "metrics.json")]
     last = metrics[-1]
     assert last["iteration"] == 2 and "lr" in last
-    for term in ("loss_rpn_cls", "loss_cls", "loss_box_reg", "loss_distill_bce", "loss_box_proj"):
+    terms = ("loss_rpn_cls", "loss_cls", "loss_box_reg", "loss_distill_bce", "loss_local_pairwise")
+    for term in terms:
         assert term in last
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
 
