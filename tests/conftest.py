@@ -67,3 +67,12 @@ def synthetic_input(seed=0, size=(256, 200), boxes=((20, 30, 60, 70), (100, 120,
 @pytest.fixture
 def cfg():
     return tiny_cfg()
+
+
+@pytest.fixture
+def one_thread():
+    # Two OpenMP threads on two shared cores crawl when other processes take one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,14 +26,6 @@ def data(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("seed", [1, 2])
 def test_the_demo_setting_learns_to_segment_from_boxes(data, tmp_path, one_thread, seed):
     opts = [

@@ -291,15 +291,6 @@ def _finite_losses(model, batch):
     return losses
 
 
-@pytest.fixture
-def one_thread():
-    # Two OpenMP threads on two shared cores crawl when other processes take one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("overrides", [{}, {"MODEL.DESSAM.PAIRWISE_LOSS": "boxinst"}])
 def test_no_nuclei_and_degenerate_boxes_give_finite_losses(tmp_path, one_thread, overrides):
     torch.manual_seed(0)
