@@ -1,5 +1,7 @@
 """Shared fixtures: tiny DES-SAM shapes (encoder depth 2, width 64, 256 px), seconds a step."""
 
+import os
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -8,6 +10,14 @@ from detectron2.structures import Boxes, Instances
 from dessam_d2 import add_dessam_config
 
 BASE_CONFIG = "configs/Base-DESSAM.yaml"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "dessam_demo.yaml")
+# A random tiny SAM whatever the demo config loads: tool tests need shapes, not knowledge.
+SMALL = [
+    "MODEL.SAM.CHECKPOINT", "",
+    "MODEL.SAM.IMAGE_SIZE", "128",
+    "TEST.DETECTIONS_PER_IMAGE", "2",
+]  # fmt: skip
 
 
 def tiny_cfg(**overrides):

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import DEMO, ROOT, SMALL, tiny_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
@@ -24,18 +24,6 @@ from dessam_d2.data import DatasetFormatError, EmptyDatasetError, register_nucle
 from dessam_d2.data.datasets import load_nuclei_coco
 from dessam_d2.data.synthetic import generate_synthetic_dataset, make_synthetic_cytology
 from dessam_d2.engine import ConfigError, Trainer, check_dataset_names, load_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "dessam_demo.yaml")
-# A random tiny SAM whatever the demo config loads: these tests need shapes, not knowledge.
-SMALL = [
-    "MODEL.SAM.CHECKPOINT",
-    "",
-    "MODEL.SAM.IMAGE_SIZE",
-    "128",
-    "TEST.DETECTIONS_PER_IMAGE",
-    "2",
-]
 
 
 def load_tool(name):

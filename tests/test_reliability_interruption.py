@@ -15,22 +15,12 @@ import sys
 
 import pytest
 import torch
+from conftest import DEMO, ROOT, SMALL  # noqa: E402
 from detectron2.modeling import build_model
 
 from dessam_d2.data.synthetic import generate_synthetic_dataset
 from dessam_d2.engine import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "dessam_demo.yaml")
-# A random tiny SAM whatever the demo config loads: these tests need shapes, not knowledge.
-SMALL = [
-    "MODEL.SAM.CHECKPOINT",
-    "",
-    "MODEL.SAM.IMAGE_SIZE",
-    "128",
-    "TEST.DETECTIONS_PER_IMAGE",
-    "2",
-]
 NUM_IMAGES = 6
 KILL_AT = 3  # 1-based: images 1 and 2 are finished, image 3 is cut short
 
