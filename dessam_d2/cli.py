@@ -1,27 +1,34 @@
-"""What the command-line tools share: user errors end in one line and a non-zero exit."""
+"""What the command-line tools share: the error policy, the exit codes, the allocator tuning.
+
+Light on purpose (no torch, no Detectron2): a tool imports this, parses its arguments, and only
+then imports the model code, so ``--help`` and usage errors answer at once.
+
+Errors: a ``dessam_d2.errors.UserError`` (raised on purpose, its message names the file or
+setting and the fix) prints ``error: <message>`` and exits with status 2; any other exception is
+a bug and ends with its traceback.
+"""
 
 import logging
 import os
-import platform
 import sys
 from typing import Callable, Iterable
 
-from detectron2.data.catalog import DatasetCatalog  # noqa: F401  (registered names for errors)
+from .errors import UserError
+from .utils.malloc import MALLOC_TUNING_SWITCH, tune_malloc
 
-from .checkpointing import CheckpointError, NonFiniteError
-from .data.image_io import ImageReadError
-from .modeling.checkpoint import SAMCheckpointError
-
-# Errors caused by the user's files, configs or arguments (their message says what to do), and a
-# diverged training run (its message names the iteration and the loss terms).
-USER_ERRORS = (
-    SAMCheckpointError,
-    CheckpointError,
-    ImageReadError,
-    FileNotFoundError,
-    ValueError,
-    NonFiniteError,
-)
+__all__ = [
+    "EXIT_DONE",
+    "EXIT_SOME_SKIPPED",
+    "EXIT_USER_ERROR",
+    "add_launch_arguments",
+    "launch_cli",
+    "MALLOC_TUNING_SWITCH",
+    "exit_status",
+    "hide_user_error_tracebacks",
+    "one_line_message",
+    "run_cli",
+    "tune_malloc",
+]
 
 
 def one_line_message(error: BaseException) -> str:
@@ -42,7 +49,7 @@ class _HideUserErrorTracebacks(logging.Filter):
     # one-line NonFiniteError.
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, USER_ERRORS + (FloatingPointError,))
+        return not isinstance(error, (UserError, FloatingPointError))
 
 
 def hide_user_error_tracebacks(logger_names: Iterable[str]) -> None:
@@ -72,39 +79,60 @@ def exit_status(done: int, failed: int) -> int:
 
 
 def run_cli(main: Callable, *args):
-    """Run ``main(*args)``; a user error prints ``error: <message>`` and exits with status 2
-    (``EXIT_USER_ERROR``)."""
+    """Run ``main(*args)`` with the allocator tuned; a ``UserError`` prints ``error: <message>``
+    and exits with status 2 (``EXIT_USER_ERROR``), anything else keeps its traceback."""
+    tune_malloc()
     try:
         return main(*args)
-    except USER_ERRORS as e:
+    except UserError as e:
         logging.getLogger("dessam_d2").debug("user error", exc_info=True)
         print(f"error: {one_line_message(e)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(e.exit_code)
 
 
-# glibc's malloc hands every block above its mmap threshold (at most 32 MB) straight back to the
-# kernel when it is freed, so each SAM encoder forward maps and page-faults its large temporaries
-# (the global-attention maps alone are 12 x 4096 x 4096 floats) afresh. Serving them from the
-# heap and never trimming it halves the ViT-B encoder forward on this 2-core CPU (about 11 ->
-# 5.6 s; see tools/benchmark.py) for about 1 GB more peak RSS. glibc reads these variables only
-# at start-up, hence the re-exec.
-GLIBC_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-MALLOC_TUNING_SWITCH = "DESSAM_MALLOC_TUNING"
+def add_launch_arguments(parser, gpus_help: str = "processes per machine (GPUs, or CPU workers)"):
+    """Detectron2's ``launch`` options, named and defaulted as in its
+    ``default_argument_parser`` (which imports torch: the tools parse before importing it)."""
+    group = parser.add_argument_group("several processes or machines (detectron2 launch)")
+    group.add_argument("--num-gpus", type=int, default=1, help=gpus_help)
+    group.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    group.add_argument(
+        "--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)"
+    )
+    # Detectron2's deterministic default port: an orphan process shows as a port in use.
+    port = 2**15 + 2**14 + hash(os.getuid() if sys.platform != "win32" else 1) % 2**14
+    group.add_argument(
+        "--dist-url",
+        default=f"tcp://127.0.0.1:{port}",
+        help="URL of the main machine's process group, e.g. tcp://10.0.0.1:29500",
+    )
 
 
-def tune_malloc() -> None:
-    """Re-run this process with ``GLIBC_MALLOC_ENV`` set, once, on glibc systems.
+def launch_cli(main: Callable, args) -> int:
+    """Run ``main(args)`` in ``args.num_gpus`` processes per machine through Detectron2's
+    ``launch`` (one process: in this one); each rank tunes its allocator and prints user errors
+    in one line. A rank that failed ends this process with its exit status."""
+    from detectron2.engine import launch
+    from torch.multiprocessing import ProcessExitedException
 
-    Nothing happens when ``DESSAM_MALLOC_TUNING=0``, when the user set either variable, or off
-    glibc; the re-run sets ``DESSAM_MALLOC_TUNING=1``, so there is never a second re-exec. Call
-    it first thing in a tool's ``__main__`` block (after parsing arguments: ``--help`` and usage
-    errors then stay instant).
-    """
-    if os.environ.get(MALLOC_TUNING_SWITCH) in ("0", "1"):
-        return
-    if any(k in os.environ for k in GLIBC_MALLOC_ENV) or platform.libc_ver()[0] != "glibc":
-        return
-    env = {**os.environ, **GLIBC_MALLOC_ENV, MALLOC_TUNING_SWITCH: "1"}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        launch(
+            _rank_main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(main, args),
+        )
+    except ProcessExitedException as e:
+        if e.exit_code is not None and e.exit_code > 0:
+            return e.exit_code  # the rank printed its one-line error before exiting
+        print(f"error: {e}", file=sys.stderr)  # e.g. a rank killed by a signal
+        return 1
+    return EXIT_DONE
+
+
+def _rank_main(main: Callable, args):
+    status = run_cli(main, args)
+    if isinstance(status, int) and status:
+        sys.exit(status)

@@ -1,11 +1,38 @@
-"""Config keys of DES-SAM. Defaults are the paper's (MICCAI 2024) or, where it is silent, the
-authors' released values (docs/METHOD.md lists each choice and its source)."""
+"""Config keys of DES-SAM (``add_dessam_config``), loading a config with one-line errors
+(``load_config``), and what is derived from a config before training (the epoch schedule, the
+data-set checks, the per-test-set score thresholds).
 
+Defaults are the paper's (MICCAI 2024) or, where it is silent, the authors' released values
+(docs/METHOD.md lists each choice and its source). Inference tools need only this module, not
+the training stack (``dessam_d2.engine``).
+"""
+
+import math
+import os
+from typing import List, Sequence
+
+from detectron2.config import CfgNode
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+from .errors import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "add_dessam_config",
+    "load_config",
+    "num_training_images",
+    "apply_epoch_schedule",
+    "check_dataset_names",
+    "score_thresholds_per_test_set",
+]
 
 
 def add_dessam_config(cfg: CN) -> None:
-    """Add every DES-SAM key to a Detectron2 config, with the paper's default."""
+    """Add every DES-SAM key to a Detectron2 config, with the paper's default (and register the
+    DESSAM meta-architecture and its parts with Detectron2)."""
+    from . import modeling  # noqa: F401  (registers DESSAM, its backbone, ROI heads, mask head)
+
     _C = cfg
 
     _C.MODEL.SAM = CN()
@@ -96,3 +123,76 @@ def add_dessam_config(cfg: CN) -> None:
     # ClusterSeg model at 0.55 in-domain, 0.05 on TargetA / TargetB / ISBI 2014); () = use
     # MODEL.ROI_HEADS.SCORE_THRESH_TEST for every test set.
     _C.DATASETS.TEST_SCORE_THRESH = ()
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
+    """Detectron2 config + DES-SAM keys + the file + overrides, with one-line errors."""
+    cfg = get_cfg()
+    add_dessam_config(cfg)
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"config file {config_file} does not exist: see configs/ for the models")
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except KeyError as e:
+        key = str(e.args[0]) if e.args else str(e)
+        raise ConfigError(f"{config_file}: {key}; see dessam_d2/config.py for the keys") from None
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"{config_file}: {e}") from None
+    return cfg
+
+
+def num_training_images(cfg: CfgNode) -> int:
+    from detectron2.data import DatasetCatalog
+
+    return sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
+
+
+def apply_epoch_schedule(cfg: CfgNode, num_images: int) -> None:
+    """SOLVER.EPOCHS (the paper's unit) -> MAX_ITER, STEPS, checkpoint and eval periods."""
+    if cfg.SOLVER.EPOCHS <= 0:
+        return
+    iters_per_epoch = max(1, math.ceil(num_images / cfg.SOLVER.IMS_PER_BATCH))
+    cfg.SOLVER.MAX_ITER = cfg.SOLVER.EPOCHS * iters_per_epoch
+    cfg.SOLVER.STEPS = tuple(
+        e * iters_per_epoch for e in cfg.SOLVER.STEP_EPOCHS if e < cfg.SOLVER.EPOCHS
+    )
+    cfg.SOLVER.CHECKPOINT_PERIOD = max(1, cfg.SOLVER.CHECKPOINT_EPOCHS) * iters_per_epoch
+    cfg.TEST.EVAL_PERIOD = cfg.TEST.EVAL_EPOCHS * iters_per_epoch
+    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER)
+
+
+def check_dataset_names(cfg: CfgNode, eval_only: bool = False) -> None:
+    """Every name of DATASETS.TRAIN/TEST is registered (else Detectron2 raises a KeyError)."""
+    from detectron2.data import DatasetCatalog
+
+    from . import data  # noqa: F401  (registers the built-in data sets)
+
+    if not cfg.DATASETS.TRAIN and not eval_only:
+        raise ConfigError("DATASETS.TRAIN is empty: name at least one registered data set")
+    for key in ("TRAIN", "TEST"):
+        for name in cfg.DATASETS[key]:
+            if name not in DatasetCatalog:
+                raise ConfigError(
+                    f"DATASETS.{key}: '{name}' is not a registered data set; see "
+                    "dessam_d2/data/datasets.py (BUILTIN_DATASETS) or register your own COCO file"
+                )
+    score_thresholds_per_test_set(cfg)
+
+
+def score_thresholds_per_test_set(cfg: CfgNode) -> List[float]:
+    """The box score threshold of each DATASETS.TEST entry: DATASETS.TEST_SCORE_THRESH (one per
+    test set, same order) or, when it is empty, MODEL.ROI_HEADS.SCORE_THRESH_TEST for all."""
+    names = list(cfg.DATASETS.TEST)
+    values = list(cfg.DATASETS.get("TEST_SCORE_THRESH", ()))
+    if not values:
+        return [float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)] * len(names)
+    if len(values) != len(names):
+        raise ConfigError(
+            f"DATASETS.TEST_SCORE_THRESH has {len(values)} values for {len(names)} DATASETS.TEST "
+            "entries: give one per test set, in the same order, or () to use "
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST for all"
+        )
+    if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in values):
+        raise ConfigError(f"DATASETS.TEST_SCORE_THRESH {tuple(values)}: scores lie in [0, 1]")
+    return [float(v) for v in values]

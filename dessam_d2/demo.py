@@ -25,10 +25,11 @@ from detectron2.structures import BoxMode
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
-from .checkpointing import atomic_open
+from .config import apply_epoch_schedule, load_config, num_training_images
 from .data import DESSAMDatasetMapper, default_dataset_root, make_synthetic_cytology
-from .engine import Trainer, apply_epoch_schedule, load_config, num_training_images
-from .predict import Predictor, predict_images
+from .engine import Trainer
+from .inference.predictor import Predictor, predict_images
+from .utils.io import atomic_open
 
 logger = logging.getLogger("dessam_d2.demo")
 

@@ -40,17 +40,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from .checkpointing import atomic_open
-from .data.cnseg import convert_cnseg
-from .data.datasets import (
-    BUILTIN_DATASETS,
-    SUBSET_DATASETS,
-    default_dataset_root,
-    subset_coco,
-)
-from .data.isbi2014 import convert_isbi2014
-from .engine import load_config
-from .evaluation.metrics import mean_metrics
+from .errors import InputNotFoundError, RunFailedError
+from .utils.io import atomic_open
+
+# The data, config and metric modules load Detectron2 and torch: they are imported where used,
+# so that --help and argument errors answer at once.
 
 __all__ = ["SETTINGS", "SPLITS", "RunFailedError", "main", "parse_args", "build_tables"]
 
@@ -104,14 +98,6 @@ CNSEG_SETS = (
 ISBI_SETS = ("isbi2014_test",)
 
 
-class RunFailedError(RuntimeError):
-    """A training/evaluation subprocess ended with a non-zero status (it printed why)."""
-
-    def __init__(self, message: str, returncode: int):
-        super().__init__(message)
-        self.returncode = returncode
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="reproduce_paper.py",
@@ -161,6 +147,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _json_path(root: str, name: str) -> str:
+    from .data.datasets import BUILTIN_DATASETS
+
     return os.path.join(root, BUILTIN_DATASETS[name][0])
 
 
@@ -171,7 +159,7 @@ def _missing(root: str, names: Sequence[str]) -> List[str]:
 def check_inputs(args: argparse.Namespace) -> None:
     """The SAM checkpoint and both source folders exist (one-line errors otherwise)."""
     if not os.path.isfile(args.sam_checkpoint):
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"SAM checkpoint {args.sam_checkpoint} not found: download sam_vit_b_01ec64.pth "
             "and pass its path to --sam-checkpoint"
         )
@@ -180,13 +168,17 @@ def check_inputs(args: argparse.Namespace) -> None:
         ("--isbi", args.isbi, "the folder of the ISBI 2014 .mat files"),
     ):
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{flag} {folder}: folder not found; pass {what}")
+            raise InputNotFoundError(f"{flag} {folder}: folder not found; pass {what}")
     if args.targetb_list and not os.path.isfile(args.targetb_list):
-        raise FileNotFoundError(f"--targetb-list {args.targetb_list}: file not found")
+        raise InputNotFoundError(f"--targetb-list {args.targetb_list}: file not found")
 
 
 def prepare_data(args: argparse.Namespace, root: str) -> None:
     """Convert CNSeg / ISBI 2014 under ``root`` unless their annotation files are there."""
+    from .data.cnseg import convert_cnseg
+    from .data.datasets import SUBSET_DATASETS, subset_coco
+    from .data.isbi2014 import convert_isbi2014
+
     jobs = (
         (
             "CNSeg",
@@ -215,7 +207,7 @@ def prepare_data(args: argparse.Namespace, root: str) -> None:
         print(report.table())
         still = _missing(root, names)
         if still:
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{source}: converting {what} did not produce {', '.join(still)} "
                 f"({_json_path(root, still[0])}); check the folder layout (datasets/README.md)"
             )
@@ -242,6 +234,8 @@ def run_dir(output: str, setting: str, seed: int) -> str:
 
 
 def train_command(args: argparse.Namespace, setting: str, seed: int, root: str) -> List[str]:
+    from .data.datasets import SUBSET_DATASETS
+
     cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(REPO_ROOT, SETTINGS[setting])]
     cmd.append("--resume")  # continues an interrupted run; starts afresh when nothing is saved
     for flag, value in (
@@ -262,6 +256,8 @@ def train_command(args: argparse.Namespace, setting: str, seed: int, root: str) 
 
 
 def _clusterseg_tests(targetb: str) -> List[str]:
+    from .config import load_config
+
     # the config's order, which its DATASETS.TEST_SCORE_THRESH follows
     names = load_config(os.path.join(REPO_ROOT, SETTINGS["clusterseg"])).DATASETS.TEST
     return [targetb if n == TARGETB else n for n in names]
@@ -270,6 +266,8 @@ def _clusterseg_tests(targetb: str) -> List[str]:
 def collect_results(directory: str) -> Dict:
     """Mean Dice / AJI / AJI+ / DQ / SQ / PQ per test set of a finished run, from the per-image
     CSVs of its final evaluation, with the test sets and thresholds of its config.yaml."""
+    from .evaluation.metrics import mean_metrics
+
     with open(os.path.join(directory, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
     names = list(cfg["DATASETS"]["TEST"])
@@ -279,7 +277,7 @@ def collect_results(directory: str) -> Dict:
     for name, threshold in zip(names, thresholds):
         path = os.path.join(directory, "inference", name, f"nuclei_metrics_{name}.csv")
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{path} not found: the run in {directory} finished without scoring {name} "
                 f"(see {directory}/log.txt)"
             )
@@ -447,6 +445,8 @@ def write_tables(output: str, seeds: Sequence[int]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     """Everything ``tools/reproduce_paper.py`` does; returns the Markdown tables (machine 0)."""
+    from .data.datasets import default_dataset_root
+
     args = parse_args(argv)
     check_inputs(args)
     root = args.datasets or default_dataset_root()

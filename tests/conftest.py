@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny DES-SAM shapes (encoder depth 2, width 64, 256 px), seconds a step."""
+"""Shared fixtures: tiny DES-SAM shapes (encoder depth 2, width 64, 256 px), seconds a step.
+
+Tests name the repository's files (configs/, tools/, weights/) relative to its root, as the
+README's commands do: the working directory is set to it, so pytest runs from any folder.
+"""
 
 import os
 
@@ -8,9 +12,11 @@ from detectron2.config import get_cfg
 from detectron2.structures import Boxes, Instances
 
 from dessam_d2 import add_dessam_config
+from dessam_d2.data.synthetic import synthetic_model_input
 
-BASE_CONFIG = "configs/Base-DESSAM.yaml"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.chdir(ROOT)
+BASE_CONFIG = os.path.join(ROOT, "configs", "Base-DESSAM.yaml")
 DEMO = os.path.join(ROOT, "configs", "dessam_demo.yaml")
 # A random tiny SAM whatever the demo config loads: tool tests need shapes, not knowledge.
 SMALL = [
@@ -56,22 +62,7 @@ def make_instances(boxes, image_size):
 
 def synthetic_input(seed=0, size=(256, 200), boxes=((20, 30, 60, 70), (100, 120, 140, 150))):
     """An image with dark disc nuclei inside the given boxes, as the mapper would hand it over."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = size
-    img = 200 + 20 * torch.rand(3, h, w, generator=g)
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    for x0, y0, x1, y1 in boxes:
-        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
-        inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
-        img[:, inside] = torch.tensor([80.0, 40.0, 120.0])[:, None]
-    return {
-        "image": img.to(torch.uint8),
-        "height": h,
-        "width": w,
-        "file_name": f"synthetic_{seed}.png",
-        "image_id": seed,
-        "instances": make_instances([list(b) for b in boxes], (h, w)),
-    }
+    return synthetic_model_input(size, boxes=[list(b) for b in boxes], seed=seed)
 
 
 @pytest.fixture
@@ -86,3 +77,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    # tests/test_e2e_*.py run the tools or training end to end: `pytest -m "not e2e"` skips them
+    for item in items:
+        if os.path.basename(str(item.fspath)).startswith("test_e2e_"):
+            item.add_marker(pytest.mark.e2e)

@@ -4,10 +4,11 @@ import glob
 import os
 
 import pytest
+from conftest import DEMO
 from detectron2.config import get_cfg
 
 from dessam_d2 import add_dessam_config
-from dessam_d2.engine import ConfigError, apply_epoch_schedule, load_config
+from dessam_d2.config import ConfigError, apply_epoch_schedule, check_dataset_names, load_config
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
@@ -123,3 +124,13 @@ def test_the_project_points_nowhere_outside_itself():
         and outside in open(f, errors="ignore").read()
     ]
     assert hits == []
+
+
+def test_unregistered_or_empty_data_set_names_are_config_errors():
+    cfg = load_config(DEMO, ["DATASETS.TRAIN", "('no_such_set',)"])
+    with pytest.raises(ConfigError, match="DATASETS.TRAIN: 'no_such_set' is not a registered"):
+        check_dataset_names(cfg)
+    cfg = load_config(DEMO, ["DATASETS.TRAIN", "()"])
+    with pytest.raises(ConfigError, match="DATASETS.TRAIN is empty"):
+        check_dataset_names(cfg)
+    check_dataset_names(cfg, eval_only=True)

@@ -204,6 +204,8 @@ def test_cli_one_line_error(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("convert_isbi2014_cli", path)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.main(["--input", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--input", str(tmp_path / "none"), "--output", str(tmp_path / "o")])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "input folder not found" in err

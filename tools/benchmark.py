@@ -15,7 +15,7 @@ Each phase runs in a fresh process and reports its peak RSS (``ru_maxrss``: mode
 included, since a fresh process is the only clean way to get a phase's peak). Prints a table and,
 as its last line, one JSON object with the figures and their ratios to the encoder's.
 
-Like the other tools it runs with glibc's malloc tuned (``dessam_d2.cli.tune_malloc``);
+Like the other tools it runs with glibc's malloc tuned (``dessam_d2.utils.malloc``);
 ``DESSAM_MALLOC_TUNING=0 python tools/benchmark.py`` measures with the default allocator.
 """
 
@@ -31,9 +31,7 @@ import tempfile
 import time
 from collections import defaultdict
 
-import torch
-
-from dessam_d2.cli import GLIBC_MALLOC_ENV, tune_malloc
+from dessam_d2.utils.malloc import MALLOC_TUNING_SWITCH, tune_malloc
 
 # Figures of a straightforward first prototype (SAM + heads, no cache, segment-anything decoder),
 # measured on a machine of this kind (2-core CPU) before this package existed.
@@ -50,7 +48,7 @@ PHASES = ["encoder", "train_uncached", "train_cached", "infer", "decoder"]
 
 
 def build_cfg(args, **overrides):
-    from dessam_d2.engine import load_config
+    from dessam_d2.config import load_config
 
     # random weights: no checkpoint can be downloaded here
     opts = ["MODEL.DEVICE", "cpu", "MODEL.SAM.CHECKPOINT", ""]
@@ -70,38 +68,22 @@ def build_model(cfg, seed=0):
 
 def synthetic_input(num_nuclei: int, size: int = 1024, seed: int = 0, with_gt: bool = True):
     """A pale image with dark elliptical nuclei on a jittered grid, as the mapper hands it over."""
-    from detectron2.structures import Boxes, Instances
+    from dessam_d2.data.synthetic import synthetic_model_input
 
-    g = torch.Generator().manual_seed(seed)
-    img = 200 + 30 * torch.rand(3, size, size, generator=g)
-    side = int(num_nuclei**0.5) + 1
-    cell = size / side
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    boxes = []
-    for i in range(num_nuclei):
-        cy = (i // side + 0.5) * cell + (torch.rand(1, generator=g).item() - 0.5) * cell / 3
-        cx = (i % side + 0.5) * cell + (torch.rand(1, generator=g).item() - 0.5) * cell / 3
-        ry, rx = (0.15 + 0.2 * torch.rand(2, generator=g)) * cell
-        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        img[:, inside] = torch.tensor([90.0, 50.0, 130.0])[:, None]
-        boxes.append([cx - rx, cy - ry, cx + rx, cy + ry])
-    out = {
-        "image": img.clamp(0, 255).to(torch.uint8),
-        "height": size,
-        "width": size,
-        "image_id": seed,
-        "file_name": f"benchmark_{seed}.png",
-        "sam_transform": f"longest{size}",
-    }
-    if with_gt:
-        inst = Instances((size, size))
-        inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).clamp(0, size))
-        inst.gt_classes = torch.zeros(num_nuclei, dtype=torch.int64)
-        out["instances"] = inst
+    out = synthetic_model_input(
+        (size, size),
+        num_nuclei=num_nuclei,
+        seed=seed,
+        background=(200.0, 30.0),
+        colour=(90.0, 50.0, 130.0),
+        file_name=f"benchmark_{seed}.png",
+        with_gt=with_gt,
+    )
+    out["sam_transform"] = f"longest{size}"
     return out
 
 
-def random_boxes(n: int, size: int = 1024, seed: int = 0) -> torch.Tensor:
+def random_boxes(n: int, size: int = 1024, seed: int = 0) -> "torch.Tensor":
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(n, 2, generator=g) * (size - 100)
     return torch.cat([xy, xy + 15 + 60 * torch.rand(n, 2, generator=g)], dim=1)
@@ -463,8 +445,8 @@ def main_parent(args):
     r["fp16_cache_loss_rel_change"] = relative_changes(unc["first_losses"], cac["first_losses"])
     r["cache"] = cac["cache"]
     r["threads"] = args.threads
-    tuned = all(os.environ.get(k) == v for k, v in GLIBC_MALLOC_ENV.items())
-    r["malloc"] = "tuned (dessam_d2.cli.tune_malloc)" if tuned else "default"
+    tuned = os.environ.get(MALLOC_TUNING_SWITCH) != "0" and tune_malloc()
+    r["malloc"] = "tuned (dessam_d2.utils.malloc.tune_malloc)" if tuned else "default"
     r["repeats"] = args.repeats
     r["wall_s"] = time.perf_counter() - t0
 
@@ -571,7 +553,10 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
-    tune_malloc()  # phases inherit the environment: DESSAM_MALLOC_TUNING=0 measures without
+    # every phase process tunes its own allocator (DESSAM_MALLOC_TUNING=0: glibc's defaults)
+    tune_malloc()
+    import torch  # after parsing: --help answers at once
+
     if args.phase:
         run_phase(args)
     else:

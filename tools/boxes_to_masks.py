@@ -12,10 +12,7 @@ import argparse
 import logging
 import sys
 
-from dessam_d2.annotate import boxes_to_masks
-from dessam_d2.cli import EXIT_USER_ERROR, exit_status, run_cli, tune_malloc
-from dessam_d2.engine import load_config
-from dessam_d2.predict import Predictor, load_model_for_inference, resolve_weights
+from dessam_d2.cli import EXIT_USER_ERROR, exit_status, run_cli
 
 
 def parse_args(argv=None):
@@ -38,6 +35,11 @@ def parse_args(argv=None):
 
 def main(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    # Imported here, after parsing: --help and usage errors need no torch.
+    from dessam_d2.config import load_config
+    from dessam_d2.inference.annotate import boxes_to_masks
+    from dessam_d2.inference.predictor import Predictor, load_model_for_inference, resolve_weights
+
     cfg = load_config(args.config_file, args.opts)
     # The teacher needs only SAM's weights; the student needs a trained DES-SAM.
     has_sam = bool(cfg.MODEL.SAM.CHECKPOINT) and not args.student
@@ -68,5 +70,4 @@ def main(args) -> int:
 
 if __name__ == "__main__":
     args = parse_args()
-    tune_malloc()
     sys.exit(run_cli(main, args))

@@ -8,8 +8,7 @@ import argparse
 import logging
 import sys
 
-from dessam_d2.cli import EXIT_USER_ERROR
-from dessam_d2.data.cnseg import CNSegLayoutError, convert_cnseg
+from dessam_d2.cli import run_cli
 
 
 def main(argv=None) -> int:
@@ -20,13 +19,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        report = convert_cnseg(
-            args.input, args.output, link=args.link, progress=not args.no_progress
-        )
-    except (CNSegLayoutError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_cli(convert, args)
+
+
+def convert(args) -> int:
+    from dessam_d2.data.cnseg import convert_cnseg  # after parsing: --help needs no torch
+
+    report = convert_cnseg(args.input, args.output, link=args.link, progress=not args.no_progress)
     return report.print_summary(args.input)
 
 

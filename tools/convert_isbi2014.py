@@ -8,8 +8,7 @@ import argparse
 import logging
 import sys
 
-from dessam_d2.cli import EXIT_USER_ERROR
-from dessam_d2.data.isbi2014 import ISBIFormatError, convert_isbi2014
+from dessam_d2.cli import run_cli
 
 
 def main(argv=None) -> int:
@@ -32,18 +31,20 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        report = convert_isbi2014(
-            args.input,
-            args.output,
-            images_vars=args.images_var,
-            nuclei_vars=args.nuclei_var,
-            min_area=args.min_area,
-            progress=not args.no_progress,
-        )
-    except (ISBIFormatError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_cli(convert, args)
+
+
+def convert(args) -> int:
+    from dessam_d2.data.isbi2014 import convert_isbi2014  # after parsing: --help needs no torch
+
+    report = convert_isbi2014(
+        args.input,
+        args.output,
+        images_vars=args.images_var,
+        nuclei_vars=args.nuclei_var,
+        min_area=args.min_area,
+        progress=not args.no_progress,
+    )
     return report.print_summary(args.input)
 
 

@@ -10,7 +10,6 @@ evaluates it against the untrained model, predicts on the held-out images and pr
 import argparse
 
 from dessam_d2.cli import run_cli
-from dessam_d2.demo import run_demo
 
 
 def main():
@@ -18,6 +17,8 @@ def main():
     p.add_argument("--config-file", default="configs/dessam_demo.yaml")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args()
+    from dessam_d2.demo import run_demo  # after parsing: --help needs no torch
+
     run_cli(run_demo, args.config_file, args.opts)
 
 

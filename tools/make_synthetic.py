@@ -8,8 +8,7 @@ import argparse
 import os
 import sys
 
-from dessam_d2.data.datasets import default_dataset_root
-from dessam_d2.data.synthetic import make_synthetic_cytology
+from dessam_d2.cli import run_cli
 
 
 def main(argv=None) -> int:
@@ -26,20 +25,23 @@ def main(argv=None) -> int:
     parser.add_argument("--nuclei", type=int, nargs=2, default=(5, 20), metavar=("MIN", "MAX"))
     parser.add_argument("--radius", type=float, nargs=2, default=(6, 16), metavar=("MIN", "MAX"))
     args = parser.parse_args(argv)
+    return run_cli(make, args)
+
+
+def make(args) -> int:
+    from dessam_d2.data.datasets import default_dataset_root  # after parsing: --help is instant
+    from dessam_d2.data.synthetic import make_synthetic_cytology
+
     output = args.output or os.path.join(default_dataset_root(), "synthetic_cytology")
-    try:
-        written = make_synthetic_cytology(
-            output,
-            num_train=args.num_train,
-            num_test=args.num_test,
-            seed=args.seed,
-            image_size=tuple(args.image_size),
-            nuclei_per_image=tuple(args.nuclei),
-            nucleus_radius=tuple(args.radius),
-        )
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    written = make_synthetic_cytology(
+        output,
+        num_train=args.num_train,
+        num_test=args.num_test,
+        seed=args.seed,
+        image_size=tuple(args.image_size),
+        nuclei_per_image=tuple(args.nuclei),
+        nucleus_radius=tuple(args.radius),
+    )
     for split, path in written.items():
         print(f"{split}: {path}")
     return 0

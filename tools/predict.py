@@ -5,7 +5,7 @@
         --weights output/clusterseg/model_final.pth --input slides/*.png --output predictions/
 
 Writes per image a 16-bit label image, an overlay, a per-nucleus CSV and a QuPath GeoJSON, and
-one COCO results JSON for all images (see dessam_d2/predict.py). Images larger than
+one COCO results JSON for all images (see dessam_d2/inference/predictor.py). Images larger than
 --tile-size are tiled with --tile-overlap and merged without duplicate or cut nuclei.
 """
 
@@ -13,16 +13,8 @@ import argparse
 import logging
 import sys
 
-from dessam_d2.cli import EXIT_USER_ERROR, exit_status, run_cli, tune_malloc
-from dessam_d2.engine import load_config
-from dessam_d2.predict import (
-    Predictor,
-    collect_images,
-    load_model_for_inference,
-    predict_images,
-    resolve_weights,
-)
-from dessam_d2.slides import add_slide_arguments, run_slides, split_slides
+from dessam_d2.cli import EXIT_USER_ERROR, exit_status, run_cli
+from dessam_d2.inference.arguments import add_slide_arguments
 
 
 def parse_args(argv=None):
@@ -50,15 +42,26 @@ def parse_args(argv=None):
         help="overlap of tiles, larger than the largest nucleus (default: 128, at most tile/4)",
     )
     p.add_argument("--overwrite", action="store_true", help="redo images already predicted")
-    add_slide_arguments(p)  # whole-slide images: dessam_d2/slides.py
+    add_slide_arguments(p)  # whole-slide images: dessam_d2/inference/slides.py
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p.parse_args(argv)  # fmt: skip
 
 
 def main(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    # Imported here, after parsing: --help and usage errors need no torch.
+    from dessam_d2.config import load_config
+    from dessam_d2.inference.predictor import (
+        Predictor,
+        collect_images,
+        load_model_for_inference,
+        predict_images,
+        resolve_weights,
+    )
+    from dessam_d2.inference.slides import run_slides, split_slides
+
     cfg = load_config(args.config_file, args.opts)
-    slides, inputs = split_slides(args.input)  # whole-slide images: dessam_d2/slides.py
+    slides, inputs = split_slides(args.input)  # whole-slide images: dessam_d2/inference/slides.py
     # nothing found at all: collect_images names the inputs given in its error
     images = collect_images(inputs or args.input) if inputs or not slides else []
     flag = "--weights output/<run>/model_final.pth"
@@ -84,5 +87,4 @@ def main(args) -> int:
 
 if __name__ == "__main__":
     args = parse_args()
-    tune_malloc()
     sys.exit(run_cli(main, args))

@@ -34,7 +34,7 @@ def main():
     import torch
 
     from dessam_d2.cli import run_cli
-    from dessam_d2.engine import load_config
+    from dessam_d2.config import load_config
     from dessam_d2.tiny_sam import pretrain_tiny_sam
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")

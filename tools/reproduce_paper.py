@@ -10,11 +10,8 @@ python tools/reproduce_paper.py --sam-checkpoint weights/sam_vit_b_01ec64.pth \\
 import sys
 
 from dessam_d2.cli import run_cli
-from dessam_d2.reproduce import RunFailedError, main
+from dessam_d2.reproduce import main, parse_args
 
 if __name__ == "__main__":
-    try:
-        run_cli(main, sys.argv[1:])
-    except RunFailedError as e:
-        print(f"error: {e}", file=sys.stderr)  # the run printed its own reason above
-        sys.exit(e.returncode)
+    args = parse_args(sys.argv[1:])  # before anything heavy: --help answers at once
+    run_cli(main, sys.argv[1:])

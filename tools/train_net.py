@@ -12,18 +12,17 @@ python tools/train_net.py --config-file configs/dessam_clusterseg.yaml \
     DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_test",)'
 """
 
+import argparse
 import sys
 
-from detectron2.engine import default_argument_parser, launch
-from torch.multiprocessing import ProcessExitedException
-
-from dessam_d2.checkpointing import DESSAMCheckpointer
-from dessam_d2.cli import run_cli, tune_malloc
-from dessam_d2.data.user_datasets import register_user_datasets, require_outlines
-from dessam_d2.engine import Trainer, setup
+from dessam_d2.cli import add_launch_arguments, launch_cli
 
 
 def main(args):
+    # Imported here, after parsing: --help and usage errors need no torch.
+    from dessam_d2.data.user_datasets import register_user_datasets, require_outlines
+    from dessam_d2.engine import DESSAMCheckpointer, Trainer, setup
+
     # here, not before launch: every worker process registers the names for itself
     user_datasets = register_user_datasets(args.dataset)
     cfg = setup(args)
@@ -39,12 +38,15 @@ def main(args):
     return trainer.train()
 
 
-def cli_main(args):
-    run_cli(main, args)
-
-
 def parse_args(argv=None):
-    parser = default_argument_parser()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint"
+    )
+    parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS only")
     parser.add_argument(
         "--deterministic",
         action="store_true",
@@ -59,23 +61,12 @@ def parse_args(argv=None):
         "NAME for DATASETS.TRAIN / DATASETS.TEST; images are relative to IMAGE_ROOT (default: "
         "the JSON's folder); repeatable",
     )
+    add_launch_arguments(parser)
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...", default=None
+    )
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    tune_malloc()
-    try:
-        launch(
-            cli_main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    except ProcessExitedException as e:
-        if e.exit_code is not None and e.exit_code > 0:
-            sys.exit(e.exit_code)  # the rank printed its one-line error before exiting
-        print(f"error: {e}", file=sys.stderr)  # e.g. a rank killed by a signal
-        sys.exit(1)
+    sys.exit(launch_cli(main, parse_args()))

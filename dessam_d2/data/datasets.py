@@ -1,4 +1,5 @@
-"""Every nuclei data set registered by name, lazily, plus the COCO-file helpers of the converters.
+"""Every nuclei data set registered by name, lazily (registration only: the converters' helpers
+are in ``conversion.py``).
 
 Importing this module registers all names of ``BUILTIN_DATASETS`` under the root
 ``$DETECTRON2_DATASETS`` (default ``datasets``), read once at import. Nothing is read from disk
@@ -9,18 +10,13 @@ command to run. The layout is described in ``datasets/README.md``.
 import functools
 import json
 import os
-import shutil
-import sys
-import tempfile
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
-from tabulate import tabulate
 
-from ..checkpointing import atomic_open
+from ..errors import DatasetFormatError, DatasetNotFoundError, EmptyDatasetError
+from ..utils.io import atomic_write_bytes
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -28,8 +24,6 @@ __all__ = [
     "DatasetNotFoundError",
     "DatasetFormatError",
     "EmptyDatasetError",
-    "ConversionReport",
-    "SubsetReport",
     "default_dataset_root",
     "load_nuclei_coco",
     "register_nuclei_coco",
@@ -39,9 +33,6 @@ __all__ = [
     "subset_coco",
     "register_nuclei_subset",
     "nucleus_categories",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "copy_or_link",
 ]
 
 NUCLEUS_CLASSES = ["nucleus"]
@@ -101,18 +92,6 @@ SUBSET_DATASETS: Dict[str, Tuple[str, str]] = {
         "cnseg/domainseg/targetb60.txt",
     ),
 }
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A registered data set's annotation file does not exist (yet)."""
-
-
-class DatasetFormatError(ValueError):
-    """An annotation file is not a readable COCO instances JSON."""
-
-
-class EmptyDatasetError(ValueError):
-    """An annotation file lists no images."""
 
 
 def default_dataset_root() -> str:
@@ -319,115 +298,6 @@ def register_nuclei_subset(name: str, parent: str, list_file: str) -> None:
 
 def nucleus_categories() -> List[Dict]:
     return [{"id": 1, "name": "nucleus", "supercategory": "nucleus"}]
-
-
-def _temp_path(path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the data set from other users
-    return tmp
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: never a half-written file."""
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def atomic_write_json(path: str, obj: Dict) -> None:
-    # compact separators: CNSeg's polygons make indented files several times larger
-    atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
-
-
-def copy_or_link(src: str, dst: str, link: bool = False) -> bool:
-    """Copy ``src`` to ``dst`` atomically, or hard-link it when ``link`` and the file system allows
-    (returns True if linked; a cross-device link falls back to a copy)."""
-    tmp = _temp_path(dst)
-    try:
-        linked = False
-        if link:
-            os.remove(tmp)
-            try:
-                os.link(src, tmp)
-                linked = True
-            except OSError:
-                pass
-        if not linked:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        return linked
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-@dataclass
-class SubsetReport:
-    """What a converter did with one subset: kept images and nuclei, skips counted by reason
-    (whole images, and single nuclei of kept images), and notes (changes that kept the item,
-    e.g. a polygon clipped to the image)."""
-
-    name: str
-    images: int = 0
-    nuclei: int = 0
-    skipped_images: Counter = field(default_factory=Counter)
-    skipped_nuclei: Counter = field(default_factory=Counter)
-    notes: Counter = field(default_factory=Counter)
-
-
-@dataclass
-class ConversionReport:
-    subsets: List[SubsetReport] = field(default_factory=list)
-    json_files: List[str] = field(default_factory=list)
-
-    def print_summary(self, source: str) -> int:
-        """Print the table and the files written; return the converter's exit status
-        (``dessam_d2.cli.exit_status``): 0 every image converted, 1 some images skipped (nuclei
-        dropped by a documented rule, e.g. zero area, are counted but do not count as skips),
-        2 no image converted."""
-        from ..cli import EXIT_USER_ERROR, exit_status  # not at import: cli imports this package
-
-        print(self.table())
-        print("\n".join(["written:"] + self.json_files))
-        done = sum(s.images for s in self.subsets)
-        status = exit_status(done, sum(sum(s.skipped_images.values()) for s in self.subsets))
-        if not done:
-            print(
-                f"error: no image of {source} could be converted (reasons in the table above): "
-                "the data sets are empty",
-                file=sys.stderr,
-            )
-            status = EXIT_USER_ERROR
-        return status
-
-    def table(self) -> str:
-        """A summary row per subset (and a total), then one row per (subset, skip reason)."""
-        notes = sorted({r for s in self.subsets for r, n in s.notes.items() if n})
-
-        def row(name: str, subsets: List[SubsetReport]) -> List:
-            counts = [s.images for s in subsets], [s.nuclei for s in subsets]
-            skips = [sum(s.skipped_images.values()) for s in subsets]
-            skips_n = [sum(s.skipped_nuclei.values()) for s in subsets]
-            cells = [sum(c) for c in (*counts, skips, skips_n)]
-            return [name] + cells + [sum(s.notes[r] for s in subsets) for r in notes]
-
-        rows = [row(s.name, [s]) for s in self.subsets] + [row("total", self.subsets)]
-        headers = ["subset", "images", "nuclei", "images skipped", "nuclei skipped"] + notes
-        text = tabulate(rows, headers=headers, tablefmt="pipe")
-        reasons = [
-            [s.name, kind, reason, n]
-            for s in self.subsets
-            for kind, counter in (("image", s.skipped_images), ("nucleus", s.skipped_nuclei))
-            for reason, n in sorted(counter.items())
-            if n
-        ]
-        if reasons:
-            headers = ["subset", "skipped", "reason", "count"]
-            text += "\n\n" + tabulate(reasons, headers=headers, tablefmt="pipe")
-        return text
 
 
 register_all_nuclei_datasets()

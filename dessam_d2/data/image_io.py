@@ -22,19 +22,13 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageOps
 
+from ..errors import ImageNotFoundError, ImageReadError
+
 __all__ = ["ImageReadError", "ImageNotFoundError", "read_image_rgb", "to_uint8"]
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # Pillow modes whose pixels np.asarray returns faithfully (other modes are converted first).
 _DIRECT_MODES = {"L", "LA", "RGB", "RGBA", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-
-
-class ImageReadError(ValueError):
-    """An image file is missing, empty, truncated or in a layout we cannot turn into RGB."""
-
-
-class ImageNotFoundError(ImageReadError, FileNotFoundError):
-    """The image file does not exist (also a FileNotFoundError, for callers that expect one)."""
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:

@@ -46,13 +46,10 @@ import scipy.io
 from scipy import ndimage
 from tqdm import tqdm
 
-from .datasets import (
-    ConversionReport,
-    SubsetReport,
-    atomic_write_bytes,
-    atomic_write_json,
-    nucleus_categories,
-)
+from ..errors import ISBIFormatError
+from ..utils.io import atomic_write_bytes, atomic_write_json
+from .conversion import ConversionReport, SubsetReport
+from .datasets import nucleus_categories
 from .image_io import to_uint8
 
 __all__ = ["ISBIFormatError", "MatStack", "list_mat_stacks", "convert_isbi2014"]
@@ -62,10 +59,6 @@ logger = logging.getLogger(__name__)
 TRAIN_IMAGES = ("isbi_train.mat", "ISBI_Train")
 TRAIN_NUCLEI = ("isbi_train_GT.mat", "train_Nuclei")
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
-
-
-class ISBIFormatError(ValueError):
-    """The .mat files are missing, unreadable, or their variables cannot be matched."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from ..errors import ConfigError
 from .image_io import read_image_rgb
 
 __all__ = ["DESSAMDatasetMapper", "sam_model_input"]
@@ -89,9 +90,9 @@ class DESSAMDatasetMapper:
         random_flip: str = "none",
     ):
         if image_format not in _FORMATS:
-            raise ValueError(f"image_format must be one of {_FORMATS}, got '{image_format}'")
+            raise ConfigError(f"image_format must be one of {_FORMATS}, got '{image_format}'")
         if random_flip not in _FLIPS:
-            raise ValueError(f"random_flip must be one of {sorted(_FLIPS)}, got '{random_flip}'")
+            raise ConfigError(f"random_flip must be one of {sorted(_FLIPS)}, got '{random_flip}'")
         if image_format != "RGB":
             logger.warning("image_format is %s: SAM was trained on RGB images", image_format)
         self.is_train = is_train

@@ -17,13 +17,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from .datasets import (
-    ConversionReport,
-    DatasetFormatError,
-    SubsetReport,
-    atomic_write_json,
-    nucleus_categories,
-)
+from ..errors import DatasetFormatError, InputNotFoundError
+from ..utils.io import atomic_write_json
+from .conversion import ConversionReport, SubsetReport
+from .datasets import nucleus_categories
 
 __all__ = ["read_qupath_features", "features_to_annotations", "convert_qupath"]
 
@@ -36,7 +33,7 @@ def read_qupath_features(path: str) -> List[Dict]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: give QuPath's GeoJSON export") from None
+        raise InputNotFoundError(f"{path} not found: give QuPath's GeoJSON export") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetFormatError(f"{path} is not JSON ({e}): export it again from QuPath") from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
@@ -135,7 +132,7 @@ def _find_image(geojson: str, image_root: str) -> str:
                 found.append(os.path.join(folder, name))
     if len(found) != 1:
         what = "no image" if not found else f"{len(found)} images ({', '.join(sorted(found))})"
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{geojson}: {what} named {base}.<png|jpg|tif|...> under {image_root}; name each "
             "export after its image (QuPath's default) or pass --image-root"
         )
@@ -163,7 +160,7 @@ def convert_qupath(
     """One COCO file of boxes from QuPath exports, one per image, images relative to
     ``image_root`` (the ``IMAGE_ROOT`` of ``--dataset NAME=OUTPUT:IMAGE_ROOT``)."""
     if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"image root {image_root} is not a folder: pass --image-root")
+        raise InputNotFoundError(f"image root {image_root} is not a folder: pass --image-root")
     subset = SubsetReport(os.path.basename(output))
     images, annotations = [], []
     for image_id, path in enumerate(sorted(geojson_files), start=1):

@@ -24,18 +24,16 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-from .datasets import (
-    atomic_write_bytes,
-    atomic_write_json,
-    default_dataset_root,
-    nucleus_categories,
-)
+from ..errors import UsageError
+from ..utils.io import atomic_write_bytes, atomic_write_json
+from .datasets import default_dataset_root, nucleus_categories
 
 __all__ = [
     "MIN_VISIBLE_AREA",
     "render_synthetic_image",
     "generate_synthetic_dataset",
     "make_synthetic_cytology",
+    "synthetic_model_input",
 ]
 
 MIN_VISIBLE_AREA = 12  # pixels; smaller visible remnants of occluded nuclei are not annotated
@@ -151,7 +149,7 @@ def render_synthetic_image(
 ) -> Tuple[np.ndarray, List[np.ndarray]]:
     """Draw one image. Returns (H x W x 3 uint8 RGB, visible nucleus masks: list of H x W bool)."""
     if style not in STYLES:
-        raise ValueError(f"unknown stain style {style!r}: one of {sorted(STYLES)}")
+        raise UsageError(f"unknown stain style {style!r}: one of {sorted(STYLES)}")
     colours = STYLES[style]
     shape = (int(image_size[0]), int(image_size[1]))
     image = np.empty(shape + (3,), np.float32)
@@ -236,7 +234,7 @@ def _annotation(mask: np.ndarray, ann_id: int, image_id: int) -> Dict:
 def _check_range(name: str, value: Sequence[float], minimum: float) -> Tuple[float, float]:
     lo, hi = value
     if not minimum <= lo <= hi:
-        raise ValueError(f"{name} must be (lo, hi) with {minimum} <= lo <= hi, got {tuple(value)}")
+        raise UsageError(f"{name} must be (lo, hi) with {minimum} <= lo <= hi, got {tuple(value)}")
     return lo, hi
 
 
@@ -254,12 +252,12 @@ def generate_synthetic_dataset(
     Returns the path of the JSON file. Same arguments → byte-identical files.
     """
     if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+        raise UsageError(f"num_images must be >= 1, got {num_images}")
     h, w = (int(s) for s in image_size)
     _check_range("nuclei_per_image", nuclei_per_image, 0)
     _, r_hi = _check_range("nucleus_radius", nucleus_radius, 2.0)
     if min(h, w) < 32 or 4 * r_hi > min(h, w):
-        raise ValueError(
+        raise UsageError(
             f"image_size {(h, w)} is too small for nucleus_radius up to {r_hi}: "
             "use images >= 32 px and at least 4 x the largest radius"
         )
@@ -330,3 +328,54 @@ def make_synthetic_cytology(
             os.path.join(root, "test_shifted"), num_test, seed=seed + 2, **shifted
         ),
     }
+
+
+def synthetic_model_input(
+    size: Tuple[int, int] = (256, 256),
+    boxes: Optional[Sequence[Sequence[float]]] = None,
+    num_nuclei: int = 0,
+    seed: int = 0,
+    background: Tuple[float, float] = (200.0, 20.0),
+    colour: Sequence[float] = (80.0, 40.0, 120.0),
+    file_name: str = "",
+    with_gt: bool = True,
+) -> Dict:
+    """One model input as the mapper hands it over (uint8 C x H x W ``image``, ``height``,
+    ``width``, ``image_id``, ``file_name``, GT ``instances`` with boxes), for tests and
+    benchmarks: a pale noisy image (``background`` = mean, jitter) with a dark elliptical
+    nucleus of ``colour`` inscribed in each box; ``boxes`` (XYXY) given, or ``num_nuclei`` on a
+    jittered grid drawn from the same seeded generator."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    h, w = size
+    g = torch.Generator().manual_seed(seed)
+    img = background[0] + background[1] * torch.rand(3, h, w, generator=g)
+    if boxes is None:
+        side = int(num_nuclei**0.5) + 1
+        cell = min(h, w) / side
+        boxes = []
+        for i in range(num_nuclei):
+            cy = (i // side + 0.5) * cell + (torch.rand(1, generator=g).item() - 0.5) * cell / 3
+            cx = (i % side + 0.5) * cell + (torch.rand(1, generator=g).item() - 0.5) * cell / 3
+            ry, rx = ((0.15 + 0.2 * torch.rand(2, generator=g)) * cell).tolist()
+            boxes.append([cx - rx, cy - ry, cx + rx, cy + ry])
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    for x0, y0, x1, y1 in boxes:
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+        inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+        img[:, inside] = torch.tensor([float(c) for c in colour])[:, None]
+    out = {
+        "image": img.clamp(0, 255).to(torch.uint8),
+        "height": h,
+        "width": w,
+        "image_id": seed,
+        "file_name": file_name or f"synthetic_{seed}.png",
+    }
+    if with_gt:
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        inst.gt_boxes.clip((h, w))
+        inst.gt_classes = torch.zeros(len(boxes), dtype=torch.int64)
+        out["instances"] = inst
+    return out

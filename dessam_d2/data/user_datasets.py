@@ -13,7 +13,8 @@ import json
 import os
 from typing import Dict, Sequence, Tuple
 
-from .datasets import DatasetFormatError, DatasetNotFoundError, register_nuclei_coco
+from ..errors import DatasetFormatError, DatasetNotFoundError, UsageError
+from .datasets import register_nuclei_coco
 
 __all__ = [
     "parse_dataset_spec",
@@ -28,7 +29,7 @@ def parse_dataset_spec(spec: str) -> Tuple[str, str, str]:
     """``NAME=JSON[:IMAGE_ROOT]`` -> (name, json file, image root)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
-        raise ValueError(
+        raise UsageError(
             f"--dataset {spec!r}: write NAME=JSON or NAME=JSON:IMAGE_ROOT, "
             "e.g. my_train=boxes.json:images/"
         )

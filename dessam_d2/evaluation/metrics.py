@@ -5,7 +5,7 @@ one pair of instance label maps (H x W integers, 0 = background, any other value
 ids need not be contiguous and may be as large as the dtype allows) and the split's score is the
 mean of the per-image values (:func:`mean_metrics`). All functions return fractions in [0, 1].
 
-Edge cases (each is pinned by ``tests/test_metrics.py``):
+Edge cases (each is pinned by ``tests/test_evaluation_metrics.py``):
 
 * both maps empty: every metric is 1.0 -- predicting nothing on an image without nuclei is a
   perfect answer, and defining it (rather than NaN) keeps the per-image mean over all images;

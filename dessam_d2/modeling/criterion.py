@@ -17,6 +17,7 @@ from typing import Dict
 import torch
 from torchvision.ops import roi_align
 
+from ..errors import ConfigError
 from .losses import (
     boxinst_pairwise_loss,
     color_similarity,
@@ -54,7 +55,7 @@ class DESSAMCriterion:
         crop_size: int = 72,
     ):
         if pairwise_loss not in ("boxsnake", "boxinst"):
-            raise ValueError(f"MODEL.DESSAM.PAIRWISE_LOSS={pairwise_loss!r}: boxsnake or boxinst")
+            raise ConfigError(f"MODEL.DESSAM.PAIRWISE_LOSS={pairwise_loss!r}: boxsnake or boxinst")
         self.image_size = image_size
         self.w_bce = distill_weight * distill_bce_weight
         self.w_dice = distill_weight * distill_dice_weight

@@ -18,9 +18,9 @@ from detectron2.modeling import (
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
-from .checkpoint import load_sam_checkpoint
 from .embedding_cache import EmbeddingCache, module_fingerprint, weights_state
 from .prompt_mask_head import count_parameters
+from .sam_weights import load_sam_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The self-distillation prompting mask head (Sec. 2.2) and its ROI heads.
+"""The self-distillation prompting mask head (Sec. 2.2).
 
 SAM's prompt encoder and mask decoder are shared by a teacher (ground-truth box prompts, SAM's own
 output tokens, no gradient) and a student (predicted box prompts, output tokens plus learnable
@@ -10,13 +10,12 @@ from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import CfgNode, configurable
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
-from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, build_mask_head
+from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
 from detectron2.structures import Instances
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from ..errors import ConfigError
 from .criterion import MASK_LOSSES, DESSAMCriterion
 from .fast_decoder import SharedImageDecoder
 
@@ -111,7 +110,7 @@ class SAMPromptMaskHead(nn.Module):
         self.tokens_at_inference = True
         self.fast_decoder = fast_decoder
         if inference_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"decoder inference dtype {inference_dtype!r}: float32 or bfloat16")
+            raise ConfigError(f"decoder inference dtype {inference_dtype!r}: float32 or bfloat16")
         self.inference_dtype = inference_dtype
 
     @classmethod
@@ -245,31 +244,6 @@ class SAMPromptMaskHead(nn.Module):
         )
 
 
-@ROI_HEADS_REGISTRY.register()
-class DESSAMROIHeads(StandardROIHeads):
-    """StandardROIHeads whose mask head reads the SAM embedding and the image, not pooled features.
-
-    The box branch is Detectron2's own. ``train_on_pred_boxes`` is forced on: the student is
-    prompted with the box head's predictions for the positive RoIs, each matched to its GT box.
-    """
-
-    @classmethod
-    def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]):
-        ret = super().from_config(cfg, input_shape)
-        ret["train_on_pred_boxes"] = True
-        return ret
-
-    @classmethod
-    def _init_mask_head(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]):
-        if not cfg.MODEL.MASK_ON:
-            return {}
-        return {
-            "mask_in_features": ["sam_embed", "image"],
-            "mask_pooler": None,
-            "mask_head": build_mask_head(cfg, input_shape),
-        }
-
-
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, frozen) parameter counts."""
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -277,4 +251,4 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return trainable, frozen
 
 
-__all__ = ["SAMPromptMaskHead", "DESSAMROIHeads", "build_sam_prompt_modules", "count_parameters"]
+__all__ = ["SAMPromptMaskHead", "build_sam_prompt_modules", "count_parameters"]

@@ -11,10 +11,10 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from dessam_d2.annotate import boxes_to_masks
+from dessam_d2.config import load_config
 from dessam_d2.data.synthetic import generate_synthetic_dataset
-from dessam_d2.engine import load_config
-from dessam_d2.predict import Predictor, load_model_for_inference
+from dessam_d2.inference.annotate import boxes_to_masks
+from dessam_d2.inference.predictor import Predictor, load_model_for_inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A random tiny SAM whatever the demo config loads: these tests need shapes, not knowledge.

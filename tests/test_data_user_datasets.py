@@ -15,7 +15,6 @@ import pytest
 from detectron2.data import DatasetCatalog
 
 from dessam_d2.data.datasets import DatasetFormatError, DatasetNotFoundError
-from dessam_d2.data.qupath import convert_qupath, features_to_annotations
 from dessam_d2.data.synthetic import render_synthetic_image
 from dessam_d2.data.user_datasets import parse_dataset_spec, register_user_datasets
 
@@ -167,88 +166,7 @@ def test_dataset_spec_and_its_one_line_errors(exports, tmp_path):
         register_user_datasets([f"x={root}/cvat.json:{root}"])  # wrong image root
 
 
-def qupath_rectangle(x, y, w, h, cls="Nucleus"):
-    """A rectangle as QuPath 0.4-0.6 exports it: a closed 4-corner Polygon, a uuid, the class
-    name and colour."""
-    ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
-    return {
-        "type": "Feature",
-        "id": "6c0d1a3e-8f1b-4a57-9a51-0f5e2c9b7d11",
-        "geometry": {"type": "Polygon", "coordinates": [ring]},
-        "properties": {
-            "objectType": "annotation",
-            "classification": {"name": cls, "color": [0, 0, 255]},
-        },
-    }
-
-
-def test_qupath_rectangles_polygons_points_and_classes(tmp_path):
-    ellipse = [[50 + 10 * np.cos(t), 40 + 6 * np.sin(t)] for t in np.linspace(0, 2 * np.pi, 33)]
-    ellipse[-1] = ellipse[0]
-    features = [
-        qupath_rectangle(10, 20, 15, 12),
-        {  # QuPath 0.2: id "PathAnnotationObject", colorRGB, isLocked, measurements list
-            "type": "Feature",
-            "id": "PathAnnotationObject",
-            "geometry": {"type": "Polygon", "coordinates": [ellipse]},
-            "properties": {
-                "classification": {"name": "Nucleus", "colorRGB": -16776961},
-                "isLocked": False,
-                "measurements": [],
-            },
-        },
-        {
-            "type": "Feature",
-            "id": "0f4d",
-            "geometry": {"type": "MultiPoint", "coordinates": [[5, 5], [6, 7]]},
-            "properties": {"objectType": "annotation"},
-        },
-        qupath_rectangle(60, 50, 20, 20, cls="Stroma"),
-        qupath_rectangle(120, 5, 30, 10),  # crosses the right border (image is 128 wide)
-    ]
-    annos, skipped = features_to_annotations(features, 128, 96, classes=["nucleus"])
-    assert [a["bbox"] for a in annos] == [
-        [10, 20, 15, 12],
-        [40.0, 34.0, 20.0, 12.0],
-        [120, 5, 8, 10],
-    ]
-    assert annos[0]["segmentation"] == [] and len(annos[1]["segmentation"][0]) == 64
-    assert skipped == {"not an area (MultiPoint)": 1, "other class": 1}
-
-    images = tmp_path / "images"
-    write_images(str(images), ["case1/a.png", "b.png"], size=(96, 128))
-    (tmp_path / "a.geojson").write_text(
-        json.dumps({"type": "FeatureCollection", "features": features})
-    )
-    (tmp_path / "b.png.geojson").write_text(json.dumps([qupath_rectangle(1, 2, 3, 4)]))
-    out = tmp_path / "boxes.json"
-    geojson = [str(tmp_path / "b.png.geojson"), str(tmp_path / "a.geojson")]
-    report = convert_qupath(geojson, str(images), str(out))
-    assert (report.subsets[0].images, report.subsets[0].nuclei) == (2, 5)
-    coco = json.loads(out.read_text())
-    assert [(i["file_name"], i["width"], i["height"]) for i in coco["images"]] == [
-        ("case1/a.png", 128, 96),
-        ("b.png", 128, 96),
-    ]
-    assert len(coco["annotations"]) == 5  # all classes by default, the points skipped
-    registered = register_user_datasets([f"own_qupath={out}:{images}"])
-    assert registered == {"own_qupath": True}  # the ellipse is an outline
-    assert len(DatasetCatalog.get("own_qupath")[0]["annotations"]) == 4
-
-    (tmp_path / "c.geojson").write_text(json.dumps([qupath_rectangle(1, 2, 3, 4)]))
-    proc = subprocess.run(
-        [sys.executable, "tools/import_qupath.py", "--geojson", str(tmp_path / "c.geojson")]
-        + ["--image-root", str(images), "--output", str(tmp_path / "c.json")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert last.startswith("error: ") and "c.geojson: no image named c.<" in last
-    assert not (tmp_path / "c.json").exists()
-
-
+@pytest.mark.e2e
 def test_train_net_trains_on_exported_files(exports, tmp_path):
     root, _, _ = exports
     tiny = [

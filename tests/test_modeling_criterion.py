@@ -8,7 +8,7 @@ test_losses.py.
 import numpy as np
 import pytest
 import torch
-from test_losses import ref_bce, ref_dice, ref_levelset, ref_local_pairwise
+from test_modeling_losses import ref_bce, ref_dice, ref_levelset, ref_local_pairwise
 
 from dessam_d2.data.synthetic import render_synthetic_image
 from dessam_d2.modeling.criterion import MASK_LOSSES, DESSAMCriterion

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from tabulate import tabulate
 from tqdm import tqdm
 
-from .data.datasets import DatasetFormatError, EmptyDatasetError, atomic_write_json
-from .data.image_io import ImageReadError, read_image_rgb
-from .predict import Predictor
+from ..data.image_io import read_image_rgb
+from ..errors import DatasetFormatError, EmptyDatasetError, ImageReadError, InputNotFoundError
+from ..utils.io import atomic_write_json
+from .predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class AnnotateSummary:
 
 def read_coco(path: str) -> Dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"annotation file {path} does not exist")
+        raise InputNotFoundError(f"annotation file {path} does not exist")
     try:
         with open(path) as f:
             coco = json.load(f)
@@ -142,11 +143,13 @@ def boxes_to_masks(
             inputs, boxes = predictor.model_input(image, xyxy)  # boxes in the input's frame
             boxes = torch.as_tensor(boxes, dtype=torch.float32)
             inst = model.segment_boxes([inputs], [boxes], student=student)[0]["instances"]
-            out = []
-            for ann, mask in zip(anns, inst.pred_masks.cpu().numpy()):
-                rle = mask_util.encode(np.asfortranarray(mask))
-                rle["counts"] = rle["counts"].decode("ascii")
-                out.append({**ann, "segmentation": rle, "area": float(mask.sum())})
+            # Detectron2's COCO encoding of the masks (RLE), one per box, in the boxes' order
+            encoded = instances_to_coco_json(inst.to("cpu"), info["id"])
+            areas = inst.pred_masks.flatten(1).sum(1).tolist()
+            out = [
+                {**ann, "segmentation": e["segmentation"], "area": float(area)}
+                for ann, e, area in zip(anns, encoded, areas)
+            ]
             log.write(json.dumps({"image_id": info["id"], "annotations": out}) + "\n")
             log.flush()
             done[info["id"]] = out

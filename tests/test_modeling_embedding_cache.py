@@ -12,10 +12,10 @@ from conftest import tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from dessam_d2.annotate import boxes_to_masks
 from dessam_d2.data import DESSAMDatasetMapper
+from dessam_d2.inference.annotate import boxes_to_masks
+from dessam_d2.inference.predictor import Predictor, predict_images
 from dessam_d2.modeling.embedding_cache import EmbeddingCache, module_fingerprint
-from dessam_d2.predict import Predictor, predict_images
 
 SHAPE = (256, 4, 4)
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from dessam_d2.config import load_config
 from dessam_d2.data import register_nuclei_coco
 from dessam_d2.data.synthetic import generate_synthetic_dataset
-from dessam_d2.engine import Trainer, load_config
+from dessam_d2.engine import Trainer
 
 ITERATIONS = 80
 

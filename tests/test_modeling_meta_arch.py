@@ -1,13 +1,18 @@
 """DESSAM end to end on tiny shapes: losses, what trains, teacher/student prompts, inference."""
 
 import copy
+import math
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from conftest import make_instances, synthetic_input, tiny_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks
+from detectron2.structures import BitMasks, BoxMode
 from detectron2.utils.events import EventStorage
 
+from dessam_d2.data import DESSAMDatasetMapper
 from dessam_d2.modeling.meta_arch import DESSAM
 
 EXPECTED_LOSSES = {
@@ -257,3 +262,47 @@ def test_mask_threshold_is_a_logit_threshold_of_0_5(cfg):
     r.pred_mask_logits = logits
     mask = model.postprocess(r, {"height": 256, "width": 256}, (256, 256)).pred_masks[0]
     assert not mask[:, :120].any() and mask[:, 136:].all()
+
+
+def _finite_losses(model, batch):
+    with EventStorage(0):
+        losses = model(batch)
+    sum(losses.values()).backward()
+    assert losses and all(math.isfinite(float(v)) for v in losses.values()), losses
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+    model.zero_grad()
+    return losses
+
+
+@pytest.mark.parametrize("overrides", [{}, {"MODEL.DESSAM.PAIRWISE_LOSS": "boxinst"}])
+def test_no_nuclei_and_degenerate_boxes_give_finite_losses(tmp_path, one_thread, overrides):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(**overrides)
+    model = build_model(cfg).train()
+    # an image with no nuclei, alone and next to one with nuclei: the same terms, all finite
+    alone = _finite_losses(model, [synthetic_input(0, boxes=())])
+    assert _finite_losses(model, [synthetic_input(0, boxes=()), synthetic_input(1)]).keys() == (
+        alone.keys()
+    )
+
+    # all boxes degenerate (zero or negative size, outside the image): the mapper drops every one
+    cv2.imwrite(str(tmp_path / "img.png"), np.full((100, 120, 3), 200, np.uint8))
+    boxes = [[10, 10, 0, 20], [30, 30, -5, 10], [40, 40, 10, -3], [500, 500, 20, 20]]
+    boxes += [[-50, 10, 20, 20], [10, 10, float("nan"), 5]]
+    record = {
+        "file_name": str(tmp_path / "img.png"),
+        "image_id": 1,
+        "height": 100,
+        "width": 120,
+        "annotations": [
+            {"bbox": b, "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0} for b in boxes
+        ],
+    }
+    mapped = DESSAMDatasetMapper(cfg, is_train=True)(record)
+    assert len(mapped["instances"]) == 0
+    # next to the thinnest boxes the mapper keeps (1 px)
+    thin = synthetic_input(2)
+    size = thin["instances"].image_size
+    thin["instances"] = make_instances([[10, 10, 11, 40], [50, 50, 90, 51], [9, 9, 10, 10]], size)
+    _finite_losses(model, [mapped, thin])

@@ -18,8 +18,8 @@ import torch
 from conftest import DEMO, ROOT, SMALL  # noqa: E402
 from detectron2.modeling import build_model
 
+from dessam_d2.config import load_config
 from dessam_d2.data.synthetic import generate_synthetic_dataset
-from dessam_d2.engine import load_config
 
 NUM_IMAGES = 6
 KILL_AT = 3  # 1-based: images 1 and 2 are finished, image 3 is cut short
@@ -93,7 +93,9 @@ def test_predict_killed_mid_image_resumes_without_redoing_finished_images(worksp
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     out = tmp_path / "out"
-    kill = dict(module="dessam_d2.predict", function="atomic_write_bytes", suffix="_nuclei.csv")
+    kill = dict(
+        module="dessam_d2.inference.predictor", function="atomic_write_bytes", suffix="_nuclei.csv"
+    )
     proc = run("predict", args + ["--output", str(out)], at=KILL_AT, **kill)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     stems = sorted(p.name[: -len("_labels.png")] for p in (full.glob("*_labels.png")))
@@ -134,7 +136,7 @@ def test_boxes_to_masks_killed_mid_way_resumes_to_the_uninterrupted_result(works
 
     out = tmp_path / "resumed.json"
     partial = tmp_path / "resumed.json.partial.jsonl"
-    kill = dict(module="dessam_d2.annotate", function="read_image_rgb", suffix=".png")
+    kill = dict(module="dessam_d2.inference.annotate", function="read_image_rgb", suffix=".png")
     proc = run("boxes_to_masks", args + ["--output", str(out)], at=KILL_AT, **kill)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not out.exists()

@@ -16,8 +16,8 @@ from scipy import ndimage
 from shapely.geometry import shape
 
 from dessam_d2.data.synthetic_slide import read_level0, write_synthetic_slide
-from dessam_d2.predict import Predictor
-from dessam_d2.slides import (
+from dessam_d2.inference.predictor import Predictor
+from dessam_d2.inference.slides import (
     SlideError,
     open_slide,
     parse_roi,

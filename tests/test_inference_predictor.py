@@ -12,7 +12,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 from scipy import ndimage
 
-from dessam_d2.predict import (
+from dessam_d2.inference.predictor import (
     Predictor,
     collect_images,
     nucleus_features,

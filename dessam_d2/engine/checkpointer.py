@@ -13,61 +13,24 @@ A truncated ``model_*.pth`` named in ``last_checkpoint`` (possible only when cop
 by something else) is an error naming both files, not a silent fall-back to an older checkpoint.
 """
 
-import contextlib
 import glob
 import logging
 import os
-import tempfile
-from typing import IO, Iterator, List
+from typing import List
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["CheckpointError", "NonFiniteError", "DESSAMCheckpointer", "atomic_open"]
+from ..errors import CheckpointError, NonFiniteError, first_few
+from ..utils.io import TEMP_SUFFIX, atomic_open, atomic_write_text, remove_stale_temp_files
+
+__all__ = ["CheckpointError", "NonFiniteError", "DESSAMCheckpointer"]
 
 logger = logging.getLogger(__name__)
 
-_TEMP_SUFFIX = ".tmp"
-
-
-class CheckpointError(ValueError):
-    """A model checkpoint that is missing, unreadable or does not fit the model."""
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced a NaN or infinite loss or parameter."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_open(path: str) -> Iterator[IO[bytes]]:
-    """A binary file that appears under ``path`` only once it is completely written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=directory, prefix="." + os.path.basename(path) + ".", suffix=_TEMP_SUFFIX
-    )
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from the group
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def _first(items: List[str], n: int = 3) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
+    return first_few(items, n)
 
 
 def non_finite_parameters(model: torch.nn.Module) -> List[str]:
@@ -101,15 +64,13 @@ class DESSAMCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        with atomic_open(os.path.join(self.save_dir, "last_checkpoint")) as f:
-            f.write(last_filename_basename.encode())
+        atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
     def remove_stale_temp_files(self) -> List[str]:
         """Delete what a kill during ``save`` left behind (hidden, never loaded, but large)."""
-        pattern = os.path.join(glob.escape(self.save_dir), f".*.pth.*{_TEMP_SUFFIX}")
-        stale = sorted(glob.glob(pattern))
+        pattern = os.path.join(glob.escape(self.save_dir), f".*.pth.*{TEMP_SUFFIX}")
+        stale = remove_stale_temp_files(pattern)
         for path in stale:
-            os.remove(path)
             logger.info(f"removed {path}, left by an interrupted checkpoint save")
         return stale
 

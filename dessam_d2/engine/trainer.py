@@ -15,112 +15,45 @@ Reliability (what a long run on a shared machine needs):
       medians every 20 iterations), appended on resume (the last line of an iteration counts).
 """
 
-import hashlib
-import json
 import logging
-import math
 import os
 import re
 from collections import OrderedDict
 from typing import List
-from unittest import mock
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import (
-    DatasetCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
 from detectron2.data.common import DatasetFromList
-from detectron2.engine import DefaultTrainer, HookBase, default_setup
+from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from .checkpointing import DESSAMCheckpointer, NonFiniteError
-from .cli import hide_user_error_tracebacks
-from .config import add_dessam_config
-from .data import DESSAMDatasetMapper, EmptyDatasetError
-from .data.samplers import ResumableTrainingSampler, SeededMapDataset, derived_seed
-from .evaluation import build_nuclei_evaluators
+from ..cli import hide_user_error_tracebacks
+from ..config import (
+    apply_epoch_schedule,
+    check_dataset_names,
+    load_config,
+    num_training_images,
+    score_thresholds_per_test_set,
+)
+from ..data.mapper import DESSAMDatasetMapper
+from ..data.samplers import ResumableTrainingSampler, SeededMapDataset
+from ..errors import ConfigError, EmptyDatasetError, NonFiniteError
+from ..evaluation import build_nuclei_evaluators
+from .checkpointer import DESSAMCheckpointer
+from .hooks import LossLogHook, ModelFingerprintHook, ReseedHook, TokenStatsHook
+
+__all__ = ["Trainer", "setup", "set_deterministic"]
 
 logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used."""
-
-
-def load_config(config_file: str, opts: List[str] = ()) -> CfgNode:
-    """Detectron2 config + DES-SAM keys + the file + overrides, with one-line errors."""
-    cfg = get_cfg()
-    add_dessam_config(cfg)
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"config file {config_file} does not exist: see configs/ for the models")
-    try:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
-    except KeyError as e:
-        key = str(e.args[0]) if e.args else str(e)
-        raise ConfigError(f"{config_file}: {key}; see dessam_d2/config.py for the keys") from None
-    except (ValueError, AssertionError) as e:
-        raise ConfigError(f"{config_file}: {e}") from None
-    return cfg
-
-
-def num_training_images(cfg: CfgNode) -> int:
-    return sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
-
-
-def apply_epoch_schedule(cfg: CfgNode, num_images: int) -> None:
-    """SOLVER.EPOCHS (the paper's unit) -> MAX_ITER, STEPS, checkpoint and eval periods."""
-    if cfg.SOLVER.EPOCHS <= 0:
-        return
-    iters_per_epoch = max(1, math.ceil(num_images / cfg.SOLVER.IMS_PER_BATCH))
-    cfg.SOLVER.MAX_ITER = cfg.SOLVER.EPOCHS * iters_per_epoch
-    cfg.SOLVER.STEPS = tuple(
-        e * iters_per_epoch for e in cfg.SOLVER.STEP_EPOCHS if e < cfg.SOLVER.EPOCHS
-    )
-    cfg.SOLVER.CHECKPOINT_PERIOD = max(1, cfg.SOLVER.CHECKPOINT_EPOCHS) * iters_per_epoch
-    cfg.TEST.EVAL_PERIOD = cfg.TEST.EVAL_EPOCHS * iters_per_epoch
-    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER)
-
-
-def check_dataset_names(cfg: CfgNode, eval_only: bool = False) -> None:
-    """Every name of DATASETS.TRAIN/TEST is registered (else Detectron2 raises a KeyError)."""
-    if not cfg.DATASETS.TRAIN and not eval_only:
-        raise ConfigError("DATASETS.TRAIN is empty: name at least one registered data set")
-    for key in ("TRAIN", "TEST"):
-        for name in cfg.DATASETS[key]:
-            if name not in DatasetCatalog:
-                raise ConfigError(
-                    f"DATASETS.{key}: '{name}' is not a registered data set; see "
-                    "dessam_d2/data/datasets.py (BUILTIN_DATASETS) or register your own COCO file"
-                )
-    score_thresholds_per_test_set(cfg)
-
-
-def score_thresholds_per_test_set(cfg: CfgNode) -> List[float]:
-    """The box score threshold of each DATASETS.TEST entry: DATASETS.TEST_SCORE_THRESH (one per
-    test set, same order) or, when it is empty, MODEL.ROI_HEADS.SCORE_THRESH_TEST for all."""
-    names = list(cfg.DATASETS.TEST)
-    values = list(cfg.DATASETS.get("TEST_SCORE_THRESH", ()))
-    if not values:
-        return [float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)] * len(names)
-    if len(values) != len(names):
-        raise ConfigError(
-            f"DATASETS.TEST_SCORE_THRESH has {len(values)} values for {len(names)} DATASETS.TEST "
-            "entries: give one per test set, in the same order, or () to use "
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST for all"
-        )
-    if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in values):
-        raise ConfigError(f"DATASETS.TEST_SCORE_THRESH {tuple(values)}: scores lie in [0, 1]")
-    return [float(v) for v in values]
 
 
 def set_deterministic(cfg: CfgNode) -> None:
@@ -155,24 +88,6 @@ def setup(args) -> CfgNode:
     return cfg
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every parameter: equal on all ranks iff they hold the same model."""
-    h = hashlib.sha1()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-class ModelFingerprintHook(HookBase):
-    """Logs each rank's parameter fingerprint after training (to compare data-parallel ranks)."""
-
-    def after_train(self):
-        model = self.trainer.model
-        model = getattr(model, "module", model)
-        logger.info(f"rank {comm.get_rank()} final model fingerprint {model_fingerprint(model)}")
-
-
 def _cpu_aware_ddp(model, **kwargs):
     # Detectron2 passes device_ids=[local_rank], which DistributedDataParallel rejects for a
     # CPU module; on the CPU (gloo) it must be None.
@@ -187,73 +102,6 @@ def _cpu_aware_ddp(model, **kwargs):
 _create_ddp_model = d2_defaults.create_ddp_model
 
 
-class ReseedHook(HookBase):
-    """Seeds python/numpy/torch from (seed, rank, iteration) before every step: a step's random
-    draws (RPN and RoI sampling, ...) do not depend on what ran before it, e.g. an evaluation or
-    the steps a resumed run skipped."""
-
-    def before_step(self):
-        seed = derived_seed(self.trainer.seed, comm.get_rank(), self.trainer.iter)
-        seed_all_rng(seed)
-
-
-class TokenStatsHook(HookBase):
-    """Puts how the learnable prompt tokens T~ evolve into the event storage (metrics.json,
-    TensorBoard) every iteration: ``token/norm`` (||T~||), ``token/change`` (||T~ - T~_0||, T~_0
-    its initial value) and ``token/grad_norm`` (the last backward pass's gradient; it stays in
-    ``.grad`` until the next step zeroes it)."""
-
-    def after_step(self):
-        model = self.trainer.model
-        head = getattr(model, "module", model).roi_heads.mask_head
-        tokens = head.learnable_tokens.detach()
-        grad = head.learnable_tokens.grad
-        self.trainer.storage.put_scalars(
-            **{
-                "token/norm": float(tokens.norm()),
-                "token/change": float((tokens - head.learnable_tokens_init).norm()),
-                "token/grad_norm": float(grad.norm()) if grad is not None else 0.0,
-            },
-            smoothing_hint=False,
-        )
-
-
-class LossLogHook(HookBase):
-    """Appends {"iteration", "lr", "total_loss", "loss_*"} of every iteration, unsmoothed, to
-    ``losses.jsonl`` (main process)."""
-
-    def __init__(self, output_dir: str):
-        self.path = os.path.join(output_dir, "losses.jsonl")
-        self._file = None
-
-    def before_train(self):
-        if comm.is_main_process():
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self._file = open(self.path, "a")
-            if self._file.tell() > 0:
-                with open(self.path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":  # a line cut by a kill: end it
-                        self._file.write("\n")
-
-    def after_step(self):
-        if self._file is None:
-            return
-        it = self.trainer.iter
-        latest = self.trainer.storage.latest()
-        entry = {"iteration": it}
-        for name, (value, at) in sorted(latest.items()):
-            if at == it and (name.startswith("loss") or name in ("total_loss", "lr")):
-                entry[name] = value
-        self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()
-
-    def after_train(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
 def _non_finite_terms(message: str) -> List[str]:
     # Detectron2's message: "Loss became infinite or NaN at iteration=7!\nloss_dict = {'loss_cls':
     # np.float64(nan), ...}" (the losses averaged over ranks).
@@ -265,11 +113,14 @@ class Trainer(DefaultTrainer):
     checkpoints and exact resumes (see the module doc)."""
 
     def __init__(self, cfg: CfgNode):
-        with (
-            mock.patch.object(d2_defaults, "create_ddp_model", _cpu_aware_ddp),
-            mock.patch.object(d2_defaults, "DetectionCheckpointer", DESSAMCheckpointer),
-        ):
+        # Detectron2 passes device_ids=[local_rank] to DistributedDataParallel, which rejects it
+        # for a CPU model: DefaultTrainer.__init__ calls this module-level function directly, so
+        # it is swapped for the duration of the call (world size 1 never reaches it).
+        d2_defaults.create_ddp_model = _cpu_aware_ddp
+        try:
             super().__init__(cfg)
+        finally:
+            d2_defaults.create_ddp_model = _create_ddp_model
         sampler = getattr(getattr(self.data_loader, "dataset", None), "sampler", None)
         if not isinstance(sampler, ResumableTrainingSampler):
             raise TypeError("build_train_loader must use a ResumableTrainingSampler")
@@ -386,7 +237,9 @@ class Trainer(DefaultTrainer):
         if isinstance(evaluators, DatasetEvaluator):
             evaluators = [evaluators]
         if evaluators is not None and len(evaluators) != len(names):
-            raise ValueError(f"{len(evaluators)} evaluators for {len(names)} DATASETS.TEST entries")
+            raise ConfigError(
+                f"{len(evaluators)} evaluators for {len(names)} DATASETS.TEST entries"
+            )
         predictor = getattr(model, "module", model).roi_heads.box_predictor
         default = predictor.test_score_thresh
         results = OrderedDict()
@@ -413,5 +266,11 @@ class Trainer(DefaultTrainer):
         return build_nuclei_evaluators(dataset_name, output_folder, max_dets_per_image=max_dets)
 
     def build_hooks(self):
+        # DefaultTrainer.__init__ builds a DetectionCheckpointer, then calls build_hooks (whose
+        # PeriodicCheckpointer saves through it): swap in the atomic, strict one first.
+        d2 = self.checkpointer
+        self.checkpointer = DESSAMCheckpointer(
+            d2.model, d2.save_dir, save_to_disk=d2.save_to_disk, **d2.checkpointables
+        )
         hooks = [ReseedHook(), TokenStatsHook()] + super().build_hooks()
         return hooks + [ModelFingerprintHook(), LossLogHook(self.cfg.OUTPUT_DIR)]

@@ -12,11 +12,11 @@ from detectron2.modeling import build_model
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
-from dessam_d2.annotate import boxes_to_masks
 from dessam_d2.data.datasets import DatasetFormatError
 from dessam_d2.data.mapper import sam_model_input
 from dessam_d2.data.synthetic import generate_synthetic_dataset
-from dessam_d2.predict import Predictor
+from dessam_d2.inference.annotate import boxes_to_masks
+from dessam_d2.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,15 @@ cleanly, checkpoints are atomic and a truncated one is a one-line error.
 The tools/train_net.py runs are tiny (128 px, 4 images, batch 2) and use --deterministic.
 """
 
-import itertools
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 
-import cv2
-import numpy as np
 import pytest
 import torch
-from conftest import make_instances, synthetic_input, tiny_cfg
-from detectron2.modeling import build_model
-from detectron2.structures import BoxMode
-from detectron2.utils.events import EventStorage
 
-from dessam_d2.checkpointing import CheckpointError, DESSAMCheckpointer, NonFiniteError
-from dessam_d2.data import DESSAMDatasetMapper
-from dessam_d2.data.samplers import ResumableTrainingSampler, SeededMapDataset
 from dessam_d2.data.synthetic import make_synthetic_cytology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,123 +191,3 @@ def test_a_truncated_last_checkpoint_is_a_one_line_error(data_root, uninterrupte
 
 
 # ------------------------------------------------------------------------ in-process checks
-
-
-def test_the_sampler_resumes_its_stream_and_seeds_items_by_position():
-    def stream(start_iter, n):
-        sampler = ResumableTrainingSampler(5, batch_size_per_rank=2, seed=7)
-        sampler.start_iter = start_iter
-        return list(itertools.islice(iter(sampler), n))
-
-    whole = stream(0, 40)
-    assert stream(3, 34) == whole[6:]  # iteration 3 starts at item 3 x 2
-    indices = [index for _, index in whole]
-    assert sorted(indices[:5]) == sorted(indices[5:10]) == list(range(5))  # epochs
-    assert len({seed for seed, _ in whole}) == 40  # a seed per position, not per image
-
-    flips = SeededMapDataset(list(range(5)), lambda i: (i, np.random.rand(), torch.rand(1)))
-    assert str([flips[k] for k in whole[6:12]]) == str([flips[k] for k in stream(3, 6)])
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return build_model(tiny_cfg())
-
-
-def test_checkpoints_are_atomic_and_a_nan_model_is_never_saved(tmp_path, monkeypatch):
-    model = tiny_model()
-    checkpointer = DESSAMCheckpointer(model, str(tmp_path))
-    checkpointer.save("model_0000001")
-    good = (tmp_path / "model_0000001.pth").read_bytes()
-    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
-    umask = os.umask(0)
-    os.umask(umask)
-    assert (tmp_path / "model_0000001.pth").stat().st_mode & 0o777 == 0o666 & ~umask  # not 0600
-
-    def killed_while_writing(data, f):
-        f.write(b"PK\x03\x04 half a zip")
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(torch, "save", killed_while_writing)
-        with pytest.raises(KeyboardInterrupt):
-            checkpointer.save("model_0000002")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
-
-    with torch.no_grad():
-        next(model.parameters())[0] = float("nan")
-    with pytest.raises(NonFiniteError, match="not saving .*model_0000003.pth.*non-finite"):
-        checkpointer.save("model_0000003")
-    assert not (tmp_path / "model_0000003.pth").exists()
-    assert (tmp_path / "model_0000001.pth").read_bytes() == good
-    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
-
-
-def test_loading_checks_the_file_and_the_model_strictly(tmp_path):
-    model = tiny_model()
-    DESSAMCheckpointer(model, str(tmp_path)).save("model_final")
-    path = str(tmp_path / "model_final.pth")
-    DESSAMCheckpointer(tiny_model()).load(path)  # the same config loads
-
-    other = build_model(tiny_cfg(**{"MODEL.SAM.ENCODER_EMBED_DIM": 32}))
-    with pytest.raises(CheckpointError, match="does not fit the model.*shape mismatch") as e:
-        DESSAMCheckpointer(other).load(path)
-    assert "\n" not in str(e.value) and path in str(e.value)
-
-    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1)}, tmp_path / "sam.pth")
-    with pytest.raises(CheckpointError, match="official SAM checkpoint.*MODEL.SAM.CHECKPOINT"):
-        DESSAMCheckpointer(tiny_model()).load(str(tmp_path / "sam.pth"))
-
-    data = open(path, "rb").read()
-    (tmp_path / "cut.pth").write_bytes(data[:1000])
-    with pytest.raises(CheckpointError, match="cut.pth cannot be read.*truncated") as e:
-        DESSAMCheckpointer(tiny_model()).load(str(tmp_path / "cut.pth"))
-    assert "\n" not in str(e.value)
-
-    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
-    with pytest.raises(CheckpointError, match="model_0000009.pth .named in .*last_checkpoint"):
-        DESSAMCheckpointer(tiny_model(), str(tmp_path)).resume_or_load("", resume=True)
-
-
-def _finite_losses(model, batch):
-    with EventStorage(0):
-        losses = model(batch)
-    sum(losses.values()).backward()
-    assert losses and all(math.isfinite(float(v)) for v in losses.values()), losses
-    for name, p in model.named_parameters():
-        assert p.grad is None or torch.isfinite(p.grad).all(), name
-    model.zero_grad()
-    return losses
-
-
-@pytest.mark.parametrize("overrides", [{}, {"MODEL.DESSAM.PAIRWISE_LOSS": "boxinst"}])
-def test_no_nuclei_and_degenerate_boxes_give_finite_losses(tmp_path, one_thread, overrides):
-    torch.manual_seed(0)
-    cfg = tiny_cfg(**overrides)
-    model = build_model(cfg).train()
-    # an image with no nuclei, alone and next to one with nuclei: the same terms, all finite
-    alone = _finite_losses(model, [synthetic_input(0, boxes=())])
-    assert _finite_losses(model, [synthetic_input(0, boxes=()), synthetic_input(1)]).keys() == (
-        alone.keys()
-    )
-
-    # all boxes degenerate (zero or negative size, outside the image): the mapper drops every one
-    cv2.imwrite(str(tmp_path / "img.png"), np.full((100, 120, 3), 200, np.uint8))
-    boxes = [[10, 10, 0, 20], [30, 30, -5, 10], [40, 40, 10, -3], [500, 500, 20, 20]]
-    boxes += [[-50, 10, 20, 20], [10, 10, float("nan"), 5]]
-    record = {
-        "file_name": str(tmp_path / "img.png"),
-        "image_id": 1,
-        "height": 100,
-        "width": 120,
-        "annotations": [
-            {"bbox": b, "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0} for b in boxes
-        ],
-    }
-    mapped = DESSAMDatasetMapper(cfg, is_train=True)(record)
-    assert len(mapped["instances"]) == 0
-    # next to the thinnest boxes the mapper keeps (1 px)
-    thin = synthetic_input(2)
-    size = thin["instances"].image_size
-    thin["instances"] = make_instances([[10, 10, 11, 40], [50, 50, 90, 51], [9, 9, 10, 10]], size)
-    _finite_losses(model, [mapped, thin])

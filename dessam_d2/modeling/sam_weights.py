@@ -7,6 +7,10 @@ from typing import Dict
 import torch
 from torch import nn
 
+from ..errors import SAMCheckpointError, first_few
+
+__all__ = ["SAMCheckpointError", "SAM_PARTS", "read_sam_state_dict", "load_sam_checkpoint"]
+
 logger = logging.getLogger(__name__)
 
 # Encoder width of each official variant, read off patch_embed.proj.weight (width x 3 x 16 x 16).
@@ -14,14 +18,8 @@ _WIDTH_TO_VARIANT = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 
 
-class SAMCheckpointError(ValueError):
-    """A SAM checkpoint that is missing, unreadable or does not fit the model."""
-
-
 def _first(keys, n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+    return first_few(sorted(keys), n)
 
 
 def read_sam_state_dict(path: str) -> Dict[str, torch.Tensor]:

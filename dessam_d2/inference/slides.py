@@ -33,11 +33,11 @@ import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
-from .checkpointing import atomic_open
-from .data.datasets import atomic_write_json
-from .evaluation.metrics import masks_to_label_map
+from ..errors import InputNotFoundError, SlideError
+from ..evaluation.metrics import masks_to_label_map
+from ..utils.io import atomic_open, atomic_write_json
 from .outlines import nucleus_feature
-from .predict import (
+from .predictor import (
     CSV_FIELDS,
     IMAGE_EXTENSIONS,
     Predictor,
@@ -52,10 +52,6 @@ logger = logging.getLogger(__name__)
 # Vendor formats OpenSlide reads; .tif/.tiff are slides when tiled (OpenSlide's generic-tiff).
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 THUMBNAIL_SIDE = 2048
-
-
-class SlideError(ValueError):
-    """A slide that cannot be opened or read at the requested level or resolution."""
 
 
 def is_slide(path: str) -> bool:
@@ -99,7 +95,7 @@ def open_slide(path: str):
     import openslide
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"slide {path} does not exist: check the path")
+        raise InputNotFoundError(f"slide {path} does not exist: check the path")
     try:
         return openslide.OpenSlide(path)
     except (openslide.OpenSlideError, OSError) as e:
@@ -453,25 +449,6 @@ def predict_slides(
         summary.tiles_background += background
         summary.nuclei += nuclei
     return summary
-
-
-def add_slide_arguments(parser) -> None:
-    """tools/predict.py's options for whole-slide images."""
-    group = parser.add_argument_group("whole-slide images (svs, ndpi, mrxs, pyramidal tif, ...)")
-    group.add_argument("--level", type=int, default=None, help="pyramid level to predict at")
-    group.add_argument(
-        "--mpp", type=float, default=None, help="resolution to predict at, µm per pixel"
-    )
-    group.add_argument(
-        "--slide-mpp",
-        type=float,
-        default=None,
-        help="the slide's level-0 µm per pixel, for slides that do not say it",
-    )
-    group.add_argument("--roi", default=None, help="x,y,w,h in level-0 pixels: predict only there")
-    group.add_argument(
-        "--all-tiles", action="store_true", help="predict background tiles too (no tissue mask)"
-    )
 
 
 def run_slides(predictor: Predictor, slides: Sequence[str], args) -> int:

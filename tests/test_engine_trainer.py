@@ -11,6 +11,7 @@ from conftest import tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
+from dessam_d2.config import ConfigError, check_dataset_names, load_config
 from dessam_d2.data.datasets import (
     SUBSET_DATASETS,
     DatasetFormatError,
@@ -19,7 +20,7 @@ from dessam_d2.data.datasets import (
     register_nuclei_coco,
 )
 from dessam_d2.data.synthetic import generate_synthetic_dataset
-from dessam_d2.engine import ConfigError, Trainer, check_dataset_names, load_config
+from dessam_d2.engine import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Small helpers with no model code: file writing, hashing, the allocator."""

@@ -1,0 +1,70 @@
+"""Trained-model checkpoints (engine/checkpointer.py): atomic saves, no NaN model, strict loads."""
+
+import os
+
+import pytest
+import torch
+from conftest import tiny_cfg
+from detectron2.modeling import build_model
+
+from dessam_d2.engine.checkpointer import CheckpointError, DESSAMCheckpointer, NonFiniteError
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(tiny_cfg())
+
+
+def test_checkpoints_are_atomic_and_a_nan_model_is_never_saved(tmp_path, monkeypatch):
+    model = tiny_model()
+    checkpointer = DESSAMCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000001")
+    good = (tmp_path / "model_0000001.pth").read_bytes()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model_0000001.pth").stat().st_mode & 0o777 == 0o666 & ~umask  # not 0600
+
+    def killed_while_writing(data, f):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", killed_while_writing)
+        with pytest.raises(KeyboardInterrupt):
+            checkpointer.save("model_0000002")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
+
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="not saving .*model_0000003.pth.*non-finite"):
+        checkpointer.save("model_0000003")
+    assert not (tmp_path / "model_0000003.pth").exists()
+    assert (tmp_path / "model_0000001.pth").read_bytes() == good
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+
+
+def test_loading_checks_the_file_and_the_model_strictly(tmp_path):
+    model = tiny_model()
+    DESSAMCheckpointer(model, str(tmp_path)).save("model_final")
+    path = str(tmp_path / "model_final.pth")
+    DESSAMCheckpointer(tiny_model()).load(path)  # the same config loads
+
+    other = build_model(tiny_cfg(**{"MODEL.SAM.ENCODER_EMBED_DIM": 32}))
+    with pytest.raises(CheckpointError, match="does not fit the model.*shape mismatch") as e:
+        DESSAMCheckpointer(other).load(path)
+    assert "\n" not in str(e.value) and path in str(e.value)
+
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1)}, tmp_path / "sam.pth")
+    with pytest.raises(CheckpointError, match="official SAM checkpoint.*MODEL.SAM.CHECKPOINT"):
+        DESSAMCheckpointer(tiny_model()).load(str(tmp_path / "sam.pth"))
+
+    data = open(path, "rb").read()
+    (tmp_path / "cut.pth").write_bytes(data[:1000])
+    with pytest.raises(CheckpointError, match="cut.pth cannot be read.*truncated") as e:
+        DESSAMCheckpointer(tiny_model()).load(str(tmp_path / "cut.pth"))
+    assert "\n" not in str(e.value)
+
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    with pytest.raises(CheckpointError, match="model_0000009.pth .named in .*last_checkpoint"):
+        DESSAMCheckpointer(tiny_model(), str(tmp_path)).resume_or_load("", resume=True)
