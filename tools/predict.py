@@ -21,6 +21,7 @@ import argparse
 import logging
 import sys
 from datetime import timedelta
+from typing import Optional
 
 import torch
 from detectron2.engine import launch
@@ -152,6 +153,17 @@ def main(args) -> int:
     return status
 
 
+def launch_error(args) -> Optional[str]:
+    """What is wrong with the launcher options, if anything."""
+    if args.num_gpus < 1 or args.num_machines < 1:
+        return "--num-gpus and --num-machines are at least 1"
+    if not 0 <= args.machine_rank < args.num_machines:
+        return f"--machine-rank {args.machine_rank} is not one of 0 ... {args.num_machines - 1}"
+    if args.num_machines > 1 and args.dist_url == "auto":
+        return "--num-machines > 1 needs --dist-url tcp://<machine 0's address>:<free port>"
+    return None
+
+
 def worker(args) -> None:
     """One of several processes: its exit status, once every process is done."""
     status = run_cli(main, args)
@@ -163,10 +175,9 @@ def worker(args) -> None:
 
 if __name__ == "__main__":
     args = parse_args()
-    if args.num_machines > 1 and args.dist_url == "auto":
-        print(
-            "error: --num-machines > 1 needs --dist-url tcp://<machine 0>:<port>", file=sys.stderr
-        )
+    error = launch_error(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     tune_malloc()
     if args.num_gpus * args.num_machines == 1:
