@@ -577,6 +577,8 @@ def predict_slide(
     slide, grid, tiles, starts, settings = _slide_plan(
         predictor, path, level, mpp, slide_mpp, roi, detect_tissue, label_tiff
     )
+    if tile_results is None and not overwrite:
+        tile_results = _shared_tile_results(paths, settings, predictor, slide, grid, starts)
     state = SlideState(settings)
     if os.path.exists(paths["state"]) and not overwrite:
         with open(paths["state"]) as f:
@@ -658,6 +660,7 @@ def predict_slide(
         out.write((",".join(CSV_FIELDS) + "\r\n").encode())
         shutil.copyfileobj(part, out)
     shutil.rmtree(paths["work"], ignore_errors=True)
+    shutil.rmtree(paths["tiles"], ignore_errors=True)  # tiles of an interrupted shared run
     background = sum(not t.tissue for t in tiles)
     return predicted, background, state.next_id - 1
 
@@ -730,6 +733,26 @@ def _assembled_tiles(paths: Dict[str, str], settings: Dict) -> int:
     return saved.get("tiles_done", 0) if saved.get("settings") == settings else 0
 
 
+def _shared_tile_results(paths, settings, predictor, slide, grid, starts) -> Optional[Callable]:
+    """After an interrupted run of several processes, one process reuses the tiles they
+    finished (same settings): a loader that predicts the tiles without a file; else None."""
+    try:
+        with open(os.path.join(paths["tiles"], "settings.json")) as f:
+            if json.load(f) != settings:
+                return None
+    except (OSError, ValueError):
+        return None
+
+    def results(tile: Tile) -> Tuple:
+        found = _load_tile_result(paths["tiles"], tile)
+        if found is None:
+            image = read_work_tile(slide, grid, tile.x, tile.y, tile.w, tile.h)
+            found = _tile_nuclei(predictor, image, tile, starts, grid)
+        return found
+
+    return results
+
+
 def predict_slide_distributed(
     predictor: Predictor,
     path: str,
@@ -793,14 +816,8 @@ def predict_slide_distributed(
 
     nuclei = 0
     if rank == 0:
-
-        def results(tile: Tile) -> Tuple:
-            found = _load_tile_result(folder, tile)
-            if found is None:  # e.g. the assembled outputs of an interrupted run were damaged
-                image = read_work_tile(slide, grid, tile.x, tile.y, tile.w, tile.h)
-                found = _tile_nuclei(predictor, image, tile, starts, grid)
-            return found
-
+        # tiles without a file (the outputs of an interrupted run were damaged) are predicted
+        results = _shared_tile_results(paths, settings, predictor, slide, grid, starts)
         _, _, nuclei = predict_slide(
             predictor,
             path,
@@ -815,7 +832,6 @@ def predict_slide_distributed(
             label_tiff=label_tiff,
             tile_results=results,
         )
-        shutil.rmtree(folder, ignore_errors=True)
     return predicted, sum(not t.tissue for t in tiles), nuclei
 
 

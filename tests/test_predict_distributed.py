@@ -51,6 +51,26 @@ def test_shared_tiles_resume_and_assemble_to_the_one_process_files(tmp_path):
     assert not os.path.exists(slide_output_paths(str(two), slide)["tiles"])
 
 
+def test_one_process_finishes_what_two_left(tmp_path):
+    """Process 1 of 2 finished its tiles, process 0 was killed: a run of one process predicts
+    only the tiles without a file, and writes the same files."""
+    slide = str(tmp_path / "cyto.tif")
+    write_synthetic_slide(slide, (512, 512), seed=2, mpp=0.25)
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = predictor()
+    predict_slide(single, slide, str(one), progress=False, label_tiff=True)
+    kw = dict(progress=False, label_tiff=True)
+    with pytest.raises(KeyboardInterrupt):
+        predict_slide_distributed(predictor(fail_at=1), slide, str(two), 0, 2, **kw)
+    done, _, _ = predict_slide_distributed(predictor(), slide, str(two), 1, 2, **kw)
+    rest = predictor()
+    predict_slide(rest, slide, str(two), progress=False, label_tiff=True)
+    assert rest.model.calls == single.model.calls - done
+    for name in SLIDE_FILES:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    assert not os.path.exists(slide_output_paths(str(two), slide)["tiles"])
+
+
 def load_tool():
     spec = importlib.util.spec_from_file_location("predict_tool", f"{ROOT}/tools/predict.py")
     module = importlib.util.module_from_spec(spec)

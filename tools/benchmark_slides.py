@@ -7,6 +7,13 @@ Writes square synthetic cytology slides (dessam_d2/data/synthetic_slide.py) and 
 tools/predict.py on each in its own process (the demo's tiny SAM with random weights, level 0),
 reporting the process' peak RSS (ru_maxrss of that child alone), the tiles, nuclei and seconds.
 Flat peak RSS across sizes is what streaming promises. The last line is one JSON object.
+
+    python tools/benchmark_slides.py --sizes 4096 8192 --label-tiff both --tile-size 1024 \
+        MODEL.SAM.IMAGE_SIZE 128 MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0 \
+        MODEL.DESSAM.MASK_LOGIT_THRESHOLD 0.06
+
+runs each size without and with --label-tiff; the overrides make the random model return
+nuclei (blobs of its random masks), so the per-nucleus outputs and the label TIFF are exercised.
 """
 
 import argparse
@@ -29,13 +36,22 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[2048, 6144])
     p.add_argument("--work", default="/tmp/dessam_slide_bench")
+    p.add_argument(
+        "--label-tiff",
+        choices=("no", "yes", "both"),
+        default="no",
+        help="run predict.py with --label-tiff: no, yes, or both (each size twice)",
+    )
+    p.add_argument("--tile-size", type=int, default=0, help="predict.py --tile-size")
+    p.add_argument("--tile-overlap", type=int, default=None, help="predict.py --tile-overlap")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for predict.py")
     args = p.parse_args()
     from dessam_d2.data.synthetic_slide import write_synthetic_slide
 
     os.makedirs(args.work, exist_ok=True)
     results = []
-    for size in args.sizes:
+    label_tiff = {"no": [False], "yes": [True], "both": [False, True]}[args.label_tiff]
+    for size, with_labels in [(s, b) for s in args.sizes for b in label_tiff]:
         slide = os.path.join(args.work, f"slide_{size}.tif")
         if not os.path.exists(slide):
             write_synthetic_slide(slide, (size, size), seed=size)
@@ -43,6 +59,12 @@ def main() -> int:
         cmd = [sys.executable, os.path.join(ROOT, "tools/predict.py")]
         cmd += ["--config-file", os.path.join(ROOT, "configs/dessam_demo.yaml"), "--random-weights"]
         cmd += ["--input", slide, "--output", out, "--overwrite"]
+        if args.tile_size:
+            cmd += ["--tile-size", str(args.tile_size)]
+        if args.tile_overlap is not None:
+            cmd += ["--tile-overlap", str(args.tile_overlap)]
+        if with_labels:
+            cmd += ["--label-tiff"]
         cmd += ["MODEL.SAM.CHECKPOINT", ""] + args.opts
         start = time.perf_counter()
         proc = subprocess.run(
@@ -65,6 +87,12 @@ def main() -> int:
                 "tiles_predicted": int(table.get("tiles predicted", -1)),
                 "tiles_skipped": int(table.get("tiles skipped (no tissue)", -1)),
                 "nuclei": int(table.get("nuclei found", -1)),
+                "label_tiff": with_labels,
+                "label_tiff_mb": (
+                    round(os.path.getsize(os.path.join(out, f"slide_{size}_labels.tif")) / 2**20, 1)
+                    if with_labels
+                    else None
+                ),
                 "seconds": round(seconds, 1),
                 "peak_rss_mb": round(maxrss / 1024),
             }
