@@ -10,12 +10,18 @@ out once and whole. Tiles without tissue on an Otsu-thresholded thumbnail are sk
                         its measurements as properties, in level-0 slide coordinates
     <stem>_nuclei.csv   one row per nucleus: the image CSV's columns in level-0 slide pixels
                         (box, area, perimeter); written last, its presence marks the slide done
+    <stem>_labels.tif   with ``label_tiff``: tiled pyramidal uint32 label image of level 0, pixel
+                        = nucleus id (``write_label_tiff``)
 
 Nothing is held for the whole slide but counters: after each tile its features and rows are
 appended to files in ``.<stem>.partial/`` and a small state (tiles done, next id, the two files'
 lengths) is written atomically. A killed run resumes after the last finished tile (it cuts the
 files back to the recorded lengths), so its outputs equal an uninterrupted run's. The finished
 files are assembled by streaming copies and renamed into place. Ids are Python integers: no wrap.
+
+Several processes (``predict_slides_distributed``) share out a slide's tissue tiles, write each
+tile's nuclei to ``.<stem>.tiles/``, and process 0 runs ``predict_slide`` on those: the same
+numbering and the same files as one process.
 """
 
 import csv
