@@ -9,9 +9,9 @@ a bug and ends with its traceback.
 """
 
 import logging
-import os
 import sys
-from typing import Callable, Iterable
+from datetime import timedelta
+from typing import Callable, Iterable, Optional
 
 from .errors import UserError
 from .utils.malloc import MALLOC_TUNING_SWITCH, tune_malloc
@@ -22,6 +22,7 @@ __all__ = [
     "EXIT_USER_ERROR",
     "add_launch_arguments",
     "launch_cli",
+    "launch_error",
     "MALLOC_TUNING_SWITCH",
     "exit_status",
     "hide_user_error_tracebacks",
@@ -90,29 +91,56 @@ def run_cli(main: Callable, *args):
         sys.exit(e.exit_code)
 
 
-def add_launch_arguments(parser, gpus_help: str = "processes per machine (GPUs, or CPU workers)"):
-    """Detectron2's ``launch`` options, named and defaulted as in its
-    ``default_argument_parser`` (which imports torch: the tools parse before importing it)."""
-    group = parser.add_argument_group("several processes or machines (detectron2 launch)")
-    group.add_argument("--num-gpus", type=int, default=1, help=gpus_help)
+def add_launch_arguments(parser, gpus_help: str = "") -> None:
+    """Detectron2's ``launch`` options, named as in its ``default_argument_parser`` (which
+    imports torch: the tools parse before importing it)."""
+    group = parser.add_argument_group(
+        "several processes or machines (Detectron2's launch; without a GPU: CPU processes, gloo)"
+    )
+    group.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        help=gpus_help
+        or "processes per machine: one per GPU, or CPU processes when there is no GPU "
+        "(then set OMP_NUM_THREADS to cores / processes)",
+    )
     group.add_argument("--num-machines", type=int, default=1, help="total number of machines")
     group.add_argument(
-        "--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)"
+        "--machine-rank", type=int, default=0, help="the rank of this machine (0 ... M-1)"
     )
-    # Detectron2's deterministic default port: an orphan process shows as a port in use.
-    port = 2**15 + 2**14 + hash(os.getuid() if sys.platform != "win32" else 1) % 2**14
     group.add_argument(
         "--dist-url",
-        default=f"tcp://127.0.0.1:{port}",
-        help="URL of the main machine's process group, e.g. tcp://10.0.0.1:29500",
+        default="auto",
+        help="machine 0's tcp://host:port, the same on every machine (one machine: a free port)",
     )
 
 
-def launch_cli(main: Callable, args) -> int:
-    """Run ``main(args)`` in ``args.num_gpus`` processes per machine through Detectron2's
-    ``launch`` (one process: in this one); each rank tunes its allocator and prints user errors
-    in one line. A rank that failed ends this process with its exit status."""
-    from detectron2.engine import launch
+def launch_error(args) -> Optional[str]:
+    """What is wrong with the launch options, if anything."""
+    if args.num_gpus < 1 or args.num_machines < 1:
+        return "--num-gpus and --num-machines are at least 1"
+    if not 0 <= args.machine_rank < args.num_machines:
+        return f"--machine-rank {args.machine_rank} is not one of 0 ... {args.num_machines - 1}"
+    if args.num_machines > 1 and args.dist_url == "auto":
+        return "--num-machines > 1 needs --dist-url tcp://<machine 0's address>:<free port>"
+    return None
+
+
+def launch_cli(main: Callable, args, timeout: Optional[timedelta] = None) -> int:
+    """Run ``main(args)`` in ``args.num_gpus`` processes per machine on ``args.num_machines``
+    machines through Detectron2's ``launch`` (one process in all: in this one), each with its
+    allocator tuned and the error policy of ``run_cli``. Returns the exit status: a failed
+    process's, or 0. ``timeout``: how long a process may wait at a barrier (Detectron2's
+    default is 30 minutes)."""
+    error = launch_error(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.num_gpus * args.num_machines == 1:
+        status = run_cli(main, args)
+        return status if isinstance(status, int) else EXIT_DONE
+    from detectron2.engine.launch import DEFAULT_TIMEOUT, launch
     from torch.multiprocessing import ProcessExitedException
 
     try:
@@ -123,16 +151,23 @@ def launch_cli(main: Callable, args) -> int:
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
             args=(main, args),
+            timeout=timeout or DEFAULT_TIMEOUT,
         )
     except ProcessExitedException as e:
         if e.exit_code is not None and e.exit_code > 0:
-            return e.exit_code  # the rank printed its one-line error before exiting
-        print(f"error: {e}", file=sys.stderr)  # e.g. a rank killed by a signal
+            return e.exit_code  # the process printed its status or its one-line error
+        print(f"error: {e}", file=sys.stderr)  # e.g. a process killed by a signal
         return 1
     return EXIT_DONE
 
 
-def _rank_main(main: Callable, args):
+def _rank_main(main: Callable, args) -> None:
+    """One process of several: its exit status, once every process is done (a non-zero exit
+    ends the others)."""
+    from detectron2.utils import comm
+
     status = run_cli(main, args)
+    comm.synchronize()
+    sys.stdout.flush()
     if isinstance(status, int) and status:
         sys.exit(status)

@@ -1,6 +1,7 @@
 """The tools' error policy and start-up (cli.py, errors.py): a UserError is one line and exit 2, a
 bug keeps its traceback; every tool parses its arguments before importing torch."""
 
+import argparse
 import glob
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 from dessam_d2 import errors
+from dessam_d2.cli import add_launch_arguments, launch_error
 
 BUG = """
 from dessam_d2.cli import run_cli
@@ -77,3 +79,12 @@ def test_help_answers_without_importing_torch(tool):
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == "NO TORCH", tool
+
+
+def test_several_machines_need_the_address_of_machine_0():
+    parser = argparse.ArgumentParser()
+    add_launch_arguments(parser)
+    assert launch_error(parser.parse_args(["--num-gpus", "4"])) is None
+    assert "--dist-url tcp://" in launch_error(parser.parse_args(["--num-machines", "2"]))
+    assert launch_error(parser.parse_args(["--num-gpus", "0"])) is not None
+    assert launch_error(parser.parse_args(["--num-machines", "2", "--machine-rank", "2"]))

@@ -7,14 +7,27 @@
 Writes per image a 16-bit label image, an overlay, a per-nucleus CSV and a QuPath GeoJSON, and
 one COCO results JSON for all images (see dessam_d2/inference/predictor.py). Images larger than
 --tile-size are tiled with --tile-overlap and merged without duplicate or cut nuclei.
+
+Several processes or machines (Detectron2's launch; without a GPU, CPU processes with gloo):
+
+    python tools/predict.py ... --num-gpus 2
+    python tools/predict.py ... --num-machines 2 --machine-rank R --dist-url tcp://host0:port
+
+split the images (every N-th) and each slide's tiles between them; the outputs are the files
+one process writes. Machines must share the --output folder.
 """
 
 import argparse
 import logging
 import sys
+from datetime import timedelta
 
-from dessam_d2.cli import EXIT_USER_ERROR, exit_status, run_cli
+from dessam_d2.cli import EXIT_USER_ERROR, add_launch_arguments, exit_status, launch_cli
 from dessam_d2.inference.arguments import add_slide_arguments
+
+# Process 0 alone assembles a slide and writes its label TIFF while the others wait at the next
+# barrier: Detectron2's 30 minutes could be too short for a large slide.
+LAUNCH_TIMEOUT = timedelta(hours=12)
 
 
 def parse_args(argv=None):
@@ -43,13 +56,44 @@ def parse_args(argv=None):
     )
     p.add_argument("--overwrite", action="store_true", help="redo images already predicted")
     add_slide_arguments(p)  # whole-slide images: dessam_d2/inference/slides.py
+    add_launch_arguments(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p.parse_args(argv)  # fmt: skip
+
+
+def run_distributed(predictor, slides, images, args) -> int:
+    """main() in one process of several: the same work shared out, process 0 prints."""
+    from detectron2.utils import comm
+
+    from dessam_d2.inference.predictor import predict_images_distributed
+    from dessam_d2.inference.slides import run_slides
+
+    status = run_slides(predictor, slides, args, distributed=True) if slides else 0
+    if slides and not images:
+        return status
+    summary = predict_images_distributed(
+        predictor, images, args.output, args.overwrite, progress=comm.get_rank() == 0
+    )
+    status = max(status, exit_status(summary.done + summary.skipped, len(summary.failed)))
+    if comm.get_rank() == 0:
+        print(summary.table())
+        for message in summary.failed.values():
+            print(f"failed: {message}")
+        print(f"outputs in {args.output}")
+        if summary.failed and not summary.done + summary.skipped:
+            print(
+                f"error: none of the {len(images)} image(s) could be read: see above",
+                file=sys.stderr,
+            )
+    return status
 
 
 def main(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     # Imported here, after parsing: --help and usage errors need no torch.
+    import torch
+    from detectron2.utils import comm
+
     from dessam_d2.config import load_config
     from dessam_d2.inference.predictor import (
         Predictor,
@@ -66,8 +110,12 @@ def main(args) -> int:
     images = collect_images(inputs or args.input) if inputs or not slides else []
     flag = "--weights output/<run>/model_final.pth"
     weights = resolve_weights(cfg, args.weights, args.random_weights, args.config_file, flag)
+    if not weights:  # random weights: the same model in every process and every run
+        torch.manual_seed(max(cfg.SEED, 0))
     model = load_model_for_inference(cfg, weights)
     predictor = Predictor(model, args.tile_size, args.tile_overlap, cfg.INPUT.FORMAT)
+    if comm.get_world_size() > 1:
+        return run_distributed(predictor, slides, images, args)
     if slides:
         status = run_slides(predictor, slides, args)
         if not images:
@@ -86,5 +134,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    sys.exit(run_cli(main, args))
+    sys.exit(launch_cli(main, parse_args(), timeout=LAUNCH_TIMEOUT))

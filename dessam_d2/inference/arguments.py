@@ -21,3 +21,9 @@ def add_slide_arguments(parser) -> None:
     group.add_argument(
         "--all-tiles", action="store_true", help="predict background tiles too (no tissue mask)"
     )
+    group.add_argument(
+        "--label-tiff",
+        action="store_true",
+        help="also write <slide>_labels.tif: tiled pyramidal uint32 label image of level 0, "
+        "pixel = nucleus id of the GeoJSON and CSV (QuPath, napari)",
+    )

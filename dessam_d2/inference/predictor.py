@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -266,6 +267,18 @@ def output_paths(output_dir: str, image_path: str) -> Dict[str, str]:
     }
 
 
+@contextmanager
+def _fixed_numpy_random(seed: int = 0):
+    """NumPy's global random state set to ``seed`` for the block, then restored: Detectron2's
+    Visualizer picks outline colours at random, which made overlays differ run to run."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def write_outputs(image: np.ndarray, instances: Instances, paths: Dict[str, str]) -> int:
     masks = instances.pred_masks.numpy()
     scores = instances.scores.numpy()
@@ -277,7 +290,8 @@ def write_outputs(image: np.ndarray, instances: Instances, paths: Dict[str, str]
         raise UsageError(f"{paths['labels']}: more than 65535 nuclei do not fit a 16-bit image")
     atomic_write_bytes(paths["labels"], _png_bytes(labels.astype(np.uint16)))
     vis = Visualizer(image, metadata=None, scale=1.0, instance_mode=ColorMode.IMAGE)
-    drawn = vis.draw_instance_predictions(instances).get_image()
+    with _fixed_numpy_random():
+        drawn = vis.draw_instance_predictions(instances).get_image()
     atomic_write_bytes(paths["overlay"], _png_bytes(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)))
     rows = nucleus_features(image, labels, id_scores)
     atomic_write_json(paths["geojson"], to_geojson(labels, rows))
@@ -327,7 +341,9 @@ def predict_images(
     output_dir: str,
     overwrite: bool = False,
     progress: bool = True,
+    coco: bool = True,
 ) -> PredictionSummary:
+    """Predict ``image_paths`` one by one; ``coco``: then write the COCO results of all."""
     os.makedirs(output_dir, exist_ok=True)
     summary = PredictionSummary()
     start = time.perf_counter()
@@ -344,11 +360,47 @@ def predict_images(
             continue
         summary.nuclei += write_outputs(image, predictor(image), paths)
         summary.done += 1
+    if coco:
+        write_coco_results(image_paths, output_dir)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def write_coco_results(image_paths: Sequence[str], output_dir: str) -> None:
+    """predictions_coco.json and predictions_images.json of the finished ``image_paths``
+    (image ids are positions in ``image_paths``, from 1)."""
     results, images = coco_results(image_paths, output_dir)
     atomic_write_json(os.path.join(output_dir, "predictions_coco.json"), results)
     atomic_write_json(os.path.join(output_dir, "predictions_images.json"), images)
-    summary.seconds = time.perf_counter() - start
-    return summary
+
+
+def predict_images_distributed(
+    predictor: Predictor,
+    image_paths: Sequence[str],
+    output_dir: str,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PredictionSummary:
+    """``predict_images`` by every process of a ``torch.distributed`` job (Detectron2's
+    ``launch``): process r predicts every world-size-th image from the r-th, then process 0
+    writes the COCO results of all (the same files as one process writes); every process gets
+    the summary of all. ``output_dir`` must be one folder for all (shared between machines)."""
+    from detectron2.utils import comm
+
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    mine = list(image_paths)[rank::world_size]
+    summary = predict_images(predictor, mine, output_dir, overwrite, progress, coco=False)
+    every = comm.all_gather(summary)  # also a barrier: every image is finished after it
+    if rank == 0:
+        write_coco_results(image_paths, output_dir)
+    failed = {path: message for s in every for path, message in s.failed.items()}
+    return PredictionSummary(
+        done=sum(s.done for s in every),
+        skipped=sum(s.skipped for s in every),
+        nuclei=sum(s.nuclei for s in every),
+        failed={path: failed[path] for path in image_paths if path in failed},
+        seconds=max(s.seconds for s in every),
+    )
 
 
 def resolve_weights(cfg, weights: str, random_weights: bool, config_file: str, flag: str) -> str:

@@ -10,12 +10,18 @@ out once and whole. Tiles without tissue on an Otsu-thresholded thumbnail are sk
                         its measurements as properties, in level-0 slide coordinates
     <stem>_nuclei.csv   one row per nucleus: the image CSV's columns in level-0 slide pixels
                         (box, area, perimeter); written last, its presence marks the slide done
+    <stem>_labels.tif   with ``label_tiff``: tiled pyramidal uint32 label image of level 0, pixel
+                        = nucleus id (``write_label_tiff``)
 
 Nothing is held for the whole slide but counters: after each tile its features and rows are
 appended to files in ``.<stem>.partial/`` and a small state (tiles done, next id, the two files'
 lengths) is written atomically. A killed run resumes after the last finished tile (it cuts the
 files back to the recorded lengths), so its outputs equal an uninterrupted run's. The finished
 files are assembled by streaming copies and renamed into place. Ids are Python integers: no wrap.
+
+Several processes (``predict_slides_distributed``) share out a slide's tissue tiles, write each
+tile's nuclei to ``.<stem>.tiles/``, and process 0 runs ``predict_slide`` on those: the same
+numbering and the same files as one process.
 """
 
 import csv
@@ -25,8 +31,11 @@ import logging
 import math
 import os
 import shutil
+import tempfile
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -268,16 +277,22 @@ def slide_output_paths(output_dir: str, slide_path: str) -> Dict[str, str]:
         "state": os.path.join(work, "state.json"),
         "features": os.path.join(work, "features.part"),
         "rows": os.path.join(work, "rows.part"),
+        # --label-tiff: the label image, and each tile's labels until it is written
+        "label_tiff": os.path.join(output_dir, stem + "_labels.tif"),
+        "label_chunks": os.path.join(work, "labels"),
+        # several processes: each tile's nuclei as its process found them, for process 0
+        "tiles": os.path.join(output_dir, f".{stem}.tiles"),
     }
 
 
 def _tile_nuclei(
     predictor: Predictor, image: np.ndarray, tile: Tile, starts: Tuple[List[int], List[int]], grid
-) -> Tuple[List[Dict], Dict[int, list]]:
-    """The nuclei this tile owns: (CSV rows with tile-local ids, polygons in work pixels)."""
+) -> Tuple[List[Dict], Dict[int, list], Optional[np.ndarray]]:
+    """The nuclei this tile owns: (CSV rows with tile-local ids, polygons in work pixels, the
+    tile's label image of them with those ids, None when there are none)."""
     instances = predictor(image)
     if not len(instances):
-        return [], {}
+        return [], {}, None
     boxes = instances.pred_boxes.tensor.numpy()
     cy = (boxes[:, 1] + boxes[:, 3]) / 2 + tile.y
     cx = (boxes[:, 0] + boxes[:, 2]) / 2 + tile.x
@@ -291,7 +306,7 @@ def _tile_nuclei(
     owned = np.flatnonzero(keep) + 1
     labels[~np.isin(labels, owned)] = 0
     rows = nucleus_features(image, labels, {i + 1: float(s) for i, s in enumerate(scores)})
-    return rows, label_polygons(labels, offset=(tile.x, tile.y))
+    return rows, label_polygons(labels, offset=(tile.x, tile.y)), labels
 
 
 def _to_slide(rows: List[Dict], polygons: Dict[int, list], grid: SlideGrid, first_id: int):
@@ -320,20 +335,206 @@ def _truncate(path: str, size: int) -> None:
         f.truncate(size)
 
 
-def predict_slide(
+LABEL_TIFF_TILE = 512
+LABEL_CHUNK_CACHE = 16  # prediction tiles' labels kept loaded while the label TIFF is written
+
+
+def _save_label_chunk(
+    folder: str, tile: Tile, rows: List[Dict], labels: Optional[np.ndarray], first_id: int
+) -> None:
+    """The tile's own nuclei as a label image numbered 1..len(rows) in the order of ``rows``
+    (slide id = ``first_id`` - 1 + that number), with their scores; no file without nuclei."""
+    path = os.path.join(folder, f"{tile.index}.npz")
+    if not rows:
+        if os.path.exists(path):  # from an interrupted run that got further
+            os.remove(path)
+        return
+    lut = np.zeros(int(labels.max()) + 1, np.uint32)
+    lut[[r["id"] for r in rows]] = np.arange(1, len(rows) + 1, dtype=np.uint32)
+    local = lut[labels]
+    local = local.astype(np.uint16) if len(rows) < 65536 else local
+    scores = np.array([-1.0] + [r["score"] for r in rows], np.float64)
+    os.makedirs(folder, exist_ok=True)
+    with atomic_open(path) as f:
+        np.savez_compressed(
+            f, labels=local, scores=scores, first_id=np.int64(first_id), origin=(tile.x, tile.y)
+        )
+
+
+def _load_label_chunk(folder: str, index: int):
+    """(labels numbered 1..n, scores indexed by those numbers, first id) or None."""
+    path = os.path.join(folder, f"{index}.npz")
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as z:
+        return z["labels"], z["scores"], int(z["first_id"])
+
+
+def _slide_mpp(slide) -> Optional[float]:
+    import openslide
+
+    try:
+        mpp = float(slide.properties.get(openslide.PROPERTY_NAME_MPP_X, 0) or 0)
+    except ValueError:
+        return None
+    return mpp if mpp > 0 else None
+
+
+def label_tiff_downsamples(size: Tuple[int, int], tile: int = LABEL_TIFF_TILE) -> List[int]:
+    """Level 0 and reduced levels, each half the one before, until a level fits in one tile."""
+    downsamples = [1]
+    while max(-(-s // downsamples[-1]) for s in size) > tile:
+        downsamples.append(downsamples[-1] * 2)
+    return downsamples
+
+
+def _work_index(coords: np.ndarray, origin: float, scale: float, length: int) -> np.ndarray:
+    """The work pixel holding the centre of each level-0 pixel ``coords``; -1 before the work
+    area and ``length`` after it (so the result stays sorted when ``coords`` is)."""
+    index = np.floor((coords + 0.5 - origin) / scale).astype(np.int64)
+    return np.clip(index, -1, length)
+
+
+def _label_tiff_tiles(
+    size: Tuple[int, int],
+    down: int,
+    grid: SlideGrid,
+    starts: Tuple[List[int], List[int]],
+    tile_size: int,
+    load: Callable,
+    tile: int,
+) -> Iterator[np.ndarray]:
+    """The tiles of the level ``down`` times smaller than level 0, row by row: level-0 pixel
+    (``down`` * i, ``down`` * j) for pixel (i, j), i.e. nearest-neighbour downsampling of the
+    level below, taken from the prediction tiles' labels (where two tiles' nuclei overlap, the
+    higher score owns the pixel, as in one tile)."""
+    width, height = size
+    ys, xs = starts
+    y_ends = [min(y + tile_size, grid.size[1]) for y in ys]
+    x_ends = [min(x + tile_size, grid.size[0]) for x in xs]
+
+    cache: "OrderedDict[int, object]" = OrderedDict()
+
+    def chunk(index):
+        if index in cache:
+            cache.move_to_end(index)
+        else:
+            cache[index] = load(index)
+            if len(cache) > LABEL_CHUNK_CACHE:
+                cache.popitem(last=False)
+        return cache[index]
+
+    level_h, level_w = -(-height // down), -(-width // down)
+    for ty in range(0, level_h, tile):
+        rows0 = (ty + np.arange(tile)) * down  # level-0 rows of this tile row
+        wy = _work_index(rows0, grid.origin[1], grid.scale, grid.size[1])
+        wy[rows0 >= height] = grid.size[1]
+        for tx in range(0, level_w, tile):
+            cols0 = (tx + np.arange(tile)) * down
+            wx = _work_index(cols0, grid.origin[0], grid.scale, grid.size[0])
+            wx[cols0 >= width] = grid.size[0]
+            out = np.zeros((tile, tile), np.uint32)
+            best = np.full((tile, tile), -np.inf)
+            lo_y, hi_y = max(int(wy[0]), 0), int(wy[-1])
+            lo_x, hi_x = max(int(wx[0]), 0), int(wx[-1])
+            # prediction tiles overlapping work rows [lo_y, hi_y] and columns [lo_x, hi_x]
+            for iy in range(bisect_right(y_ends, lo_y), bisect_left(ys, hi_y + 1)):
+                i0, i1 = np.searchsorted(wy, [ys[iy], y_ends[iy]])
+                if i0 == i1:
+                    continue
+                for ix in range(bisect_right(x_ends, lo_x), bisect_left(xs, hi_x + 1)):
+                    j0, j1 = np.searchsorted(wx, [xs[ix], x_ends[ix]])
+                    found = chunk(iy * len(xs) + ix) if j0 < j1 else None
+                    if found is None:
+                        continue
+                    labels, scores, first_id = found
+                    local = labels[np.ix_(wy[i0:i1] - ys[iy], wx[j0:j1] - xs[ix])]
+                    score = scores[local]
+                    win = (local > 0) & (score > best[i0:i1, j0:j1])
+                    out[i0:i1, j0:j1][win] = local[win].astype(np.uint32) + (first_id - 1)
+                    best[i0:i1, j0:j1][win] = score[win]
+            yield out
+
+
+def write_label_tiff(
+    path: str,
+    size: Tuple[int, int],
+    grid: SlideGrid,
+    starts: Tuple[List[int], List[int]],
+    tile_size: int,
+    load: Callable,
+    mpp: Optional[float] = None,
+    tile: int = LABEL_TIFF_TILE,
+    progress: bool = False,
+) -> None:
+    """A tiled, pyramidal uint32 label image of the slide's level 0 (``size`` = (w, h)): 0 =
+    background, else the nucleus' id in the GeoJSON and CSV. Level 0 is the slide's level 0
+    (whatever level or resolution was predicted: each pixel takes the work pixel holding its
+    centre, as the GeoJSON outlines do); every further level is half the one before, nearest
+    neighbour, down to one tile. The levels are successive pages of the main IFD chain (level 0
+    ``subfiletype=0``, reduced ones ``subfiletype=1``) of a BigTIFF, zlib-compressed, with
+    resolution tags in pixels per centimetre when ``mpp`` is known, as OpenSlide's
+    generic-tiff, QuPath and tifffile/napari read pyramids. Written tile by tile from the
+    prediction tiles' labels (``load(tile index)`` -> (labels 1..n, scores, first id) or None,
+    at most ``LABEL_CHUNK_CACHE`` held), under a temporary name, then renamed."""
+    downsamples = label_tiff_downsamples(size, tile)
+    shapes = [(-(-size[1] // d), -(-size[0] // d)) for d in downsamples]
+    total = sum(-(-h // tile) * -(-w // tile) for h, w in shapes)
+    bar = tqdm(total=total, desc=os.path.basename(path), unit="tile", disable=not progress)
+    # tifffile wants a named file: a temporary name in the same folder, renamed when complete
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        _write_label_pages(tmp, size, grid, starts, tile_size, load, mpp, tile, downsamples, bar)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    bar.close()
+
+
+def _write_label_pages(path, size, grid, starts, tile_size, load, mpp, tile, downsamples, bar):
+    import tifffile
+
+    def counted(tiles):
+        for t in tiles:
+            yield t
+            bar.update(1)
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for level, down in enumerate(downsamples):
+            extra = {}
+            if mpp:
+                extra = dict(resolution=(1e4 / (mpp * down),) * 2, resolutionunit="CENTIMETER")
+            tif.write(
+                counted(_label_tiff_tiles(size, down, grid, starts, tile_size, load, tile)),
+                shape=(-(-size[1] // down), -(-size[0] // down)),
+                dtype=np.uint32,
+                tile=(tile, tile),
+                photometric="minisblack",
+                compression="zlib",
+                subfiletype=0 if level == 0 else 1,
+                metadata=None,
+                **extra,
+            )
+
+
+def _slide_plan(
     predictor: Predictor,
     path: str,
-    output_dir: str,
-    level: Optional[int] = None,
-    mpp: Optional[float] = None,
-    slide_mpp: Optional[float] = None,
-    roi: Optional[Tuple[int, int, int, int]] = None,
-    detect_tissue: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Tuple[int, int, int]:
-    """Predict one slide; returns (tiles predicted, background tiles skipped, nuclei)."""
-    paths = slide_output_paths(output_dir, path)
+    level: Optional[int],
+    mpp: Optional[float],
+    slide_mpp: Optional[float],
+    roi: Optional[Tuple[int, int, int, int]],
+    detect_tissue: bool,
+    label_tiff: bool = False,
+):
+    """(slide, grid, tiles, tile starts (ys, xs), settings): what a run on ``path`` will do;
+    ``settings`` is what an interrupted run must have had for its work to be reused."""
     slide = open_slide(path)
     grid = slide_grid(slide, path, level, mpp, slide_mpp, roi)
     tissue = tissue_mask(slide) if detect_tissue else None
@@ -349,7 +550,37 @@ def predict_slide(
         "overlap": predictor.tile_overlap,
         "tissue": detect_tissue,
     }
+    if label_tiff:  # its tiles' labels are kept too: a run without them cannot be continued
+        settings["label_tiff"] = True
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back from disk
+    return slide, grid, tiles, starts, settings
+
+
+def predict_slide(
+    predictor: Predictor,
+    path: str,
+    output_dir: str,
+    level: Optional[int] = None,
+    mpp: Optional[float] = None,
+    slide_mpp: Optional[float] = None,
+    roi: Optional[Tuple[int, int, int, int]] = None,
+    detect_tissue: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    label_tiff: bool = False,
+    tile_results: Optional[Callable[[Tile], Tuple]] = None,
+) -> Tuple[int, int, int]:
+    """Predict one slide; returns (tiles predicted, background tiles skipped, nuclei).
+
+    ``label_tiff``: also write ``<stem>_labels.tif`` (``write_label_tiff``). ``tile_results``:
+    where a tissue tile's ``_tile_nuclei`` come from instead of reading and predicting it (the
+    tiles other processes predicted, ``predict_slides_distributed``)."""
+    paths = slide_output_paths(output_dir, path)
+    slide, grid, tiles, starts, settings = _slide_plan(
+        predictor, path, level, mpp, slide_mpp, roi, detect_tissue, label_tiff
+    )
+    if tile_results is None and not overwrite:
+        tile_results = _shared_tile_results(paths, settings, predictor, slide, grid, starts)
     state = SlideState(settings)
     if os.path.exists(paths["state"]) and not overwrite:
         with open(paths["state"]) as f:
@@ -381,8 +612,13 @@ def predict_slide(
     predicted = 0
     for tile in tiles[state.tiles_done :]:
         if tile.tissue:
-            image = read_work_tile(slide, grid, tile.x, tile.y, tile.w, tile.h)
-            rows, polygons = _tile_nuclei(predictor, image, tile, starts, grid)
+            if tile_results is None:
+                image = read_work_tile(slide, grid, tile.x, tile.y, tile.w, tile.h)
+                rows, polygons, labels = _tile_nuclei(predictor, image, tile, starts, grid)
+            else:
+                rows, polygons, labels = tile_results(tile)
+            if label_tiff:
+                _save_label_chunk(paths["label_chunks"], tile, rows, labels, state.next_id)
             rows, features = _to_slide(rows, polygons, grid, state.next_id)
             predicted += 1
             if rows:
@@ -410,10 +646,23 @@ def predict_slide(
         out.write(b'{"type":"FeatureCollection","features":[\n')
         shutil.copyfileobj(part, out)
         out.write(b"\n]}\n")
+    if label_tiff:
+        chunks = paths["label_chunks"]
+        write_label_tiff(
+            paths["label_tiff"],
+            slide.dimensions,
+            grid,
+            starts,
+            predictor.tile_size,
+            lambda index: _load_label_chunk(chunks, index),
+            mpp=slide_mpp or _slide_mpp(slide),
+            progress=progress,
+        )
     with atomic_open(paths["csv"]) as out, open(paths["rows"], "rb") as part:
         out.write((",".join(CSV_FIELDS) + "\r\n").encode())
         shutil.copyfileobj(part, out)
     shutil.rmtree(paths["work"], ignore_errors=True)
+    shutil.rmtree(paths["tiles"], ignore_errors=True)  # tiles of an interrupted shared run
     background = sum(not t.tissue for t in tiles)
     return predicted, background, state.next_id - 1
 
@@ -451,19 +700,215 @@ def predict_slides(
     return summary
 
 
-def run_slides(predictor: Predictor, slides: Sequence[str], args) -> int:
-    """tools/predict.py on slides: predict, print the summary; the exit status."""
-    summary = predict_slides(
+def _save_tile_result(folder: str, tile: Tile, result: Tuple, label_tiff: bool) -> None:
+    """One tile's ``_tile_nuclei`` for process 0 (rows and polygons as JSON, which gives back
+    the same Python values), written atomically: it marks the tile done."""
+    rows, polygons, labels = result
+    arrays = {
+        "rows": np.array(json.dumps(rows)),
+        "polygons": np.array(json.dumps(list(polygons.items()))),
+    }
+    if label_tiff and labels is not None:
+        arrays["labels"] = labels
+    with atomic_open(os.path.join(folder, f"{tile.index}.npz")) as f:
+        np.savez_compressed(f, **arrays)
+
+
+def _load_tile_result(folder: str, tile: Tile) -> Optional[Tuple]:
+    path = os.path.join(folder, f"{tile.index}.npz")
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as z:
+        rows = json.loads(str(z["rows"]))
+        polygons = {int(k): v for k, v in json.loads(str(z["polygons"]))}
+        labels = z["labels"] if "labels" in z.files else None
+    return rows, polygons, labels
+
+
+def _assembled_tiles(paths: Dict[str, str], settings: Dict) -> int:
+    """Tiles an interrupted run (of any number of processes) already put into the outputs."""
+    try:
+        with open(paths["state"]) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return 0
+    return saved.get("tiles_done", 0) if saved.get("settings") == settings else 0
+
+
+def _shared_tile_results(paths, settings, predictor, slide, grid, starts) -> Optional[Callable]:
+    """After an interrupted run of several processes, one process reuses the tiles they
+    finished (same settings): a loader that predicts the tiles without a file; else None."""
+    try:
+        with open(os.path.join(paths["tiles"], "settings.json")) as f:
+            if json.load(f) != settings:
+                return None
+    except (OSError, ValueError):
+        return None
+
+    def results(tile: Tile) -> Tuple:
+        found = _load_tile_result(paths["tiles"], tile)
+        if found is None:
+            image = read_work_tile(slide, grid, tile.x, tile.y, tile.w, tile.h)
+            found = _tile_nuclei(predictor, image, tile, starts, grid)
+        return found
+
+    return results
+
+
+def predict_slide_distributed(
+    predictor: Predictor,
+    path: str,
+    output_dir: str,
+    rank: int,
+    world_size: int,
+    overwrite: bool = False,
+    progress: bool = True,
+    level: Optional[int] = None,
+    mpp: Optional[float] = None,
+    slide_mpp: Optional[float] = None,
+    roi: Optional[Tuple[int, int, int, int]] = None,
+    detect_tissue: bool = True,
+    label_tiff: bool = False,
+) -> Tuple[int, int, int]:
+    """One slide by ``world_size`` processes (call it in every one, ``torch.distributed`` set
+    up); returns (tiles this process predicted, background tiles, nuclei (process 0 only)).
+
+    The tissue tiles are dealt out in turn (process r predicts every ``world_size``-th, from
+    the r-th). Each process writes each of its tiles' nuclei to ``.<stem>.tiles/<index>.npz``
+    in the output folder (shared by all machines); after a barrier process 0 runs
+    ``predict_slide`` on those results, which numbers the nuclei and writes every output in
+    tile order exactly as one process does: the files are byte-identical to a one-process
+    run's. Resuming: a tile whose file exists is not predicted again, nor are tiles an
+    interrupted run already assembled; the files are kept until the slide is done."""
+    from detectron2.utils import comm
+
+    paths = slide_output_paths(output_dir, path)
+    slide, grid, tiles, starts, settings = _slide_plan(
+        predictor, path, level, mpp, slide_mpp, roi, detect_tissue, label_tiff
+    )
+    folder = paths["tiles"]
+    settings_file = os.path.join(folder, "settings.json")
+    if rank == 0:
+        try:
+            with open(settings_file) as f:
+                reusable = json.load(f) == settings and not overwrite
+        except (OSError, ValueError):
+            reusable = False
+        if not reusable:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+            atomic_write_json(settings_file, settings)
+    comm.synchronize()
+
+    assembled = 0 if overwrite else _assembled_tiles(paths, settings)
+    todo = [t for t in tiles if t.tissue and t.index >= assembled]
+    mine = todo[rank::world_size]
+    stem = os.path.basename(paths["csv"])[: -len("_nuclei.csv")]
+    bar = tqdm(total=len(mine), desc=f"{stem} (process {rank})", unit="tile", disable=not progress)
+    predicted = 0
+    for tile in mine:
+        if not os.path.exists(os.path.join(folder, f"{tile.index}.npz")):
+            image = read_work_tile(slide, grid, tile.x, tile.y, tile.w, tile.h)
+            result = _tile_nuclei(predictor, image, tile, starts, grid)
+            _save_tile_result(folder, tile, result, label_tiff)
+            predicted += 1
+        bar.update(1)
+    bar.close()
+    comm.synchronize()
+
+    nuclei = 0
+    if rank == 0:
+        # tiles without a file (the outputs of an interrupted run were damaged) are predicted
+        results = _shared_tile_results(paths, settings, predictor, slide, grid, starts)
+        _, _, nuclei = predict_slide(
+            predictor,
+            path,
+            output_dir,
+            level=level,
+            mpp=mpp,
+            slide_mpp=slide_mpp,
+            roi=roi,
+            detect_tissue=detect_tissue,
+            overwrite=overwrite,
+            progress=progress,
+            label_tiff=label_tiff,
+            tile_results=results,
+        )
+    return predicted, sum(not t.tissue for t in tiles), nuclei
+
+
+def predict_slides_distributed(
+    predictor: Predictor,
+    slides: Sequence[str],
+    output_dir: str,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options,
+) -> SlideSummary:
+    """``predict_slides`` by every process of a ``torch.distributed`` job (Detectron2's
+    ``launch``), each slide's tiles shared out (``predict_slide_distributed``); every process
+    gets the summary of all."""
+    from detectron2.utils import comm
+
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    os.makedirs(output_dir, exist_ok=True)
+    summary = SlideSummary()
+    for path in slides:
+        # decided by every process before the slide's first barrier, which process 0 must pass
+        # before it can write the CSV: all see the same
+        if os.path.exists(slide_output_paths(output_dir, path)["csv"]) and not overwrite:
+            summary.skipped += 1
+            continue
+        try:
+            tiles, background, nuclei = predict_slide_distributed(
+                predictor, path, output_dir, rank, world_size, overwrite, progress, **options
+            )
+        except (SlideError, FileNotFoundError) as e:  # before any barrier, in every process
+            if len(slides) == 1:
+                raise
+            summary.failed[path] = str(e)
+            if rank == 0:
+                logger.warning(str(e))
+            continue
+        summary.done += 1
+        summary.tiles += tiles
+        summary.tiles_background += background
+        summary.nuclei += nuclei
+    every = comm.all_gather(summary)
+    return SlideSummary(
+        done=summary.done,
+        skipped=summary.skipped,
+        tiles=sum(s.tiles for s in every),
+        tiles_background=summary.tiles_background,
+        nuclei=sum(s.nuclei for s in every),
+        failed=summary.failed,
+    )
+
+
+def run_slides(predictor: Predictor, slides: Sequence[str], args, distributed: bool = False) -> int:
+    """tools/predict.py on slides: predict, print the summary; the exit status. ``distributed``:
+    this is one process of several (``predict_slides_distributed``); process 0 prints."""
+    run = predict_slides_distributed if distributed else predict_slides
+    rank = 0
+    if distributed:
+        from detectron2.utils import comm
+
+        rank = comm.get_rank()
+    summary = run(
         predictor,
         slides,
         args.output,
         overwrite=args.overwrite,
+        progress=rank == 0,
         level=args.level,
         mpp=args.mpp,
         slide_mpp=args.slide_mpp,
         roi=parse_roi(args.roi),
         detect_tissue=not args.all_tiles,
+        label_tiff=getattr(args, "label_tiff", False),
     )
+    if rank:
+        return 1 if summary.failed else 0
     print(summary.table())
     for message in summary.failed.values():
         print(f"failed: {message}")
