@@ -45,7 +45,9 @@ def test_each_kind_of_difference_is_named():
     assert "final attn" in fast_path_mismatch(other)
 
 
-def test_a_different_decoder_falls_back_to_its_own_forward_with_one_warning(monkeypatch, one_thread):
+def test_a_different_decoder_falls_back_to_its_own_forward_with_one_warning(
+    monkeypatch, one_thread
+):
     warnings = []
     monkeypatch.setattr(prompt_mask_head.logger, "warning", warnings.append)
     head = make_head()

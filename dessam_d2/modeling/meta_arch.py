@@ -89,7 +89,7 @@ class DESSAM(nn.Module):
         embedding_cache_dir: str = "",
         embedding_cache_dtype: str = "float16",
         embedding_cache_max_gb: float = 20.0,
-        inference_dtype: str = "float32",
+        inference_dtype: str = "auto",
     ):
         super().__init__()
         self.backbone = backbone
@@ -164,7 +164,11 @@ class DESSAM(nn.Module):
             if self.inference_dtype_setting == "auto":
                 native = dtype == torch.bfloat16
                 why = f" (auto: {'native' if native else 'no native'} bfloat16 on {device.type})"
-            logger.info(f"DESSAM inference runs in {str(dtype)[6:]}{why}")
+            decoder = self.mask_head.inference_dtype
+            logger.info(
+                f"DESSAM inference runs in {str(dtype)[6:]}{why}, SAM's mask decoder in "
+                f"{decoder} (MODEL.DESSAM.DECODER_INFERENCE_DTYPE)"
+            )
         return self._inference_dtype[1]
 
     def autocast(self, dtype: torch.dtype):
@@ -201,7 +205,6 @@ class DESSAM(nn.Module):
         raw_padded = ImageList.from_tensors(raw, padding_constraints=square).tensor
         return images, raw_padded
 
-    @record_function("dessam/encoder")
     def image_embeddings(
         self,
         images: ImageList,
@@ -215,6 +218,12 @@ class DESSAM(nn.Module):
         image (content, size, transform) went through the same encoder weights in the same
         dtype before, and computed and stored otherwise.
         """
+        with record_function("dessam/encoder"):
+            return self._image_embeddings(images, batched_inputs, dtype)
+
+    def _image_embeddings(
+        self, images: ImageList, batched_inputs: List[Dict], dtype: torch.dtype
+    ) -> torch.Tensor:
         cache = self.embedding_cache
         if cache is None:
             return self.encode(images.tensor, dtype)
@@ -297,9 +306,11 @@ class DESSAM(nn.Module):
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         """Detect nuclei, then segment each with the student decoder.
 
-        Computes in ``inference_dtype()``; under bfloat16 the encoder, pyramid, RPN, box head
-        and decoder run in bfloat16 autocast, and every output is float32. Each part runs under
-        a ``torch.profiler.record_function`` label "dessam/<part>" (tools/benchmark.py).
+        Computes in ``inference_dtype()``: under bfloat16 the encoder, pyramid, RPN and box head
+        run in bfloat16 autocast, SAM's mask decoder in MODEL.DESSAM.DECODER_INFERENCE_DTYPE
+        (float32 by default, see SAMPromptMaskHead.decode); every output is float32. Each part
+        runs under a ``torch.profiler.record_function`` label "dessam/<part>"
+        (tools/benchmark.py).
         """
         dtype = self.inference_dtype()
         images, _ = self.preprocess_image(batched_inputs)
@@ -336,15 +347,17 @@ class DESSAM(nn.Module):
             r.pred_boxes = Boxes(b)
             r.scores = torch.ones(len(b), device=self.device)
             r.pred_classes = torch.zeros(len(b), dtype=torch.int64, device=self.device)
-            with self.autocast(dtype):
-                r.pred_mask_logits = self.mask_head.decode(emb[None], b, student=student)
+            r.pred_mask_logits = self.mask_head.decode(emb[None], b, student=student)
             outputs.append({"instances": self.postprocess(r, x, size)})
         return outputs
 
-    @record_function("dessam/postprocess")
     def postprocess(self, results: Instances, batched_input: Dict, input_size) -> Instances:
         """Boxes and masks from the resized, padded frame back to the original image size, in
         float32 (scores, boxes) and bool (masks) whatever the inference dtype."""
+        with record_function("dessam/postprocess"):
+            return self._postprocess(results, batched_input, input_size)
+
+    def _postprocess(self, results: Instances, batched_input: Dict, input_size) -> Instances:
         height = batched_input.get("height", input_size[0])
         width = batched_input.get("width", input_size[1])
         h, w = input_size

@@ -179,18 +179,24 @@ class SAMPromptMaskHead(nn.Module):
         Returns N x 1 x 4h x 4w. Boxes go through the decoder ``chunk_size`` at a time. With
         ``fast_decoder`` the image-side work all prompts share is done once per call
         (fast_decoder.py; same outputs up to float rounding). In inference, the decoder runs in
-        bfloat16 if ``inference_dtype`` says so or when called under bfloat16 autocast (the
-        model's MODEL.DESSAM.INFERENCE_DTYPE); never in training: the teacher's targets and
-        the student's gradients stay float32. Returns float32 logits.
+        bfloat16 if ``inference_dtype`` (MODEL.DESSAM.DECODER_INFERENCE_DTYPE) says so, and in
+        float32 otherwise, also when called under the model's bfloat16 autocast
+        (MODEL.DESSAM.INFERENCE_DTYPE): in bfloat16 it moves mask outlines by a pixel or more
+        (tests/test_bf16.py). Training is left as called: the teacher's targets and the
+        student's gradients are float32. Returns float32 logits.
         """
         if len(boxes) == 0:
             side = 4 * embedding.shape[-1]
             return embedding.new_zeros(0, 1, side, side)
-        bf16 = self.inference_dtype == "bfloat16" and not self.training
-        autocast = torch.autocast(embedding.device.type, torch.bfloat16)
-        with record_function("dessam/mask_decoder"):
-            with autocast if bf16 else contextlib.nullcontext():
-                return self._decode(embedding, boxes, student)
+        device = embedding.device.type
+        if self.training:
+            precision = contextlib.nullcontext()
+        elif self.inference_dtype == "bfloat16":
+            precision = torch.autocast(device, torch.bfloat16)
+        else:
+            precision = torch.autocast(device, enabled=False)
+        with record_function("dessam/mask_decoder"), precision:
+            return self._decode(embedding.float(), boxes.float(), student)
 
     def _decode(self, embedding: torch.Tensor, boxes: torch.Tensor, student: bool) -> torch.Tensor:
         image_pe = self.prompt_encoder.get_dense_pe()
@@ -294,9 +300,9 @@ class DESSAMROIHeads(StandardROIHeads):
         ret["train_on_pred_boxes"] = True
         return ret
 
-    @record_function("dessam/box_head")
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
-        return super()._forward_box(features, proposals)
+        with record_function("dessam/box_head"):  # tools/benchmark.py reads it
+            return super()._forward_box(features, proposals)
 
     @classmethod
     def _init_mask_head(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]):
