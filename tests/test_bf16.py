@@ -49,8 +49,7 @@ def test_random_tiny_sam_embeddings_in_bfloat16_match_float32(tiny_model, one_th
 def test_full_inference_in_bfloat16_returns_float32(tiny_model, one_thread, monkeypatch):
     logged = []
     monkeypatch.setattr(meta_arch.logger, "info", logged.append)
-    monkeypatch.setattr(tiny_model, "inference_dtype_setting", "bfloat16")
-    monkeypatch.setattr(tiny_model, "_inference_dtype", None)
+    tiny_model.set_inference_dtype("bfloat16")
     x = synthetic_input(0)
     with torch.no_grad():
         inst = tiny_model([x])[0]["instances"]
@@ -83,7 +82,7 @@ def demo_model():
     return build_model(load_config(DEMO, [])).eval()
 
 
-def test_demo_tiny_sam_masks_in_bfloat16_match_float32(demo_model, one_thread, monkeypatch):
+def test_demo_tiny_sam_masks_in_bfloat16_match_float32(demo_model, one_thread):
     rng = np.random.default_rng(3)
     inputs, boxes = [], []
     for _ in range(2):
@@ -97,8 +96,7 @@ def test_demo_tiny_sam_masks_in_bfloat16_match_float32(demo_model, one_thread, m
         boxes.append(torch.as_tensor(b))
     out = {}
     for dtype in ("float32", "bfloat16"):
-        monkeypatch.setattr(demo_model, "inference_dtype_setting", dtype)
-        monkeypatch.setattr(demo_model, "_inference_dtype", None)
+        demo_model.set_inference_dtype(dtype)
         for student in (False, True):
             res = demo_model.segment_boxes(inputs, boxes, student=student)
             out[dtype, student] = torch.cat([r["instances"].pred_masks for r in res])

@@ -284,7 +284,7 @@ def phase_infer(args):
         runs += [(n, "bfloat16", "float32", "_bf16") for n in sizes if n >= 100]
     for n, model_dtype, decoder_dtype, suffix in runs:
         model.roi_heads.box_predictor.test_topk_per_image = n
-        model.inference_dtype_setting = model_dtype
+        model.set_inference_dtype(model_dtype)
         head.inference_dtype = decoder_dtype
         times, extras = [], []
         for _ in range(args.repeats):
@@ -470,7 +470,8 @@ def peer_ratios(r: dict) -> dict:
     base = r.get("sam_predictor_100_s")
     if not base:
         return {}
-    keys = ["infer_100_s", "infer_500_s", "infer_100_bf16_s", "infer_500_bf16_s"] + PEER_KEYS
+    keys = [f"infer_{n}{d}_s" for n in (100, 500) for d in ("", "_bf16", "_bf16_decoder")]
+    keys += PEER_KEYS
     return {k: r[k] / base for k in keys if isinstance(r.get(k), (int, float))}
 
 
@@ -640,6 +641,8 @@ def print_report(args, r, unc, cac, inf, dec):
             "infer_500_s": "DES-SAM float32, 500 nuclei",
             "infer_100_bf16_s": "DES-SAM bfloat16, 100 nuclei",
             "infer_500_bf16_s": "DES-SAM bfloat16, 500 nuclei",
+            "infer_100_bf16_decoder_s": "DES-SAM bfloat16 decoder only, 100 nuclei",
+            "infer_500_bf16_decoder_s": "DES-SAM bfloat16 decoder only, 500 nuclei",
             "sam_predictor_100_s": "segment-anything predictor, 100 boxes",
             "sam_predictor_500_s": "segment-anything predictor, 500 boxes",
             "microsam_ais_s": "micro-sam automatic instance segmentation",

@@ -113,9 +113,7 @@ class DESSAM(nn.Module):
                 embedding_cache_dir, embedding_cache_dtype, embedding_cache_max_gb
             )
         self._fingerprint, self._fingerprint_state, self._cache_logged = "", None, time.time()
-        resolve_inference_dtype(inference_dtype, "cpu")  # reject a wrong value now
-        self.inference_dtype_setting = inference_dtype
-        self._inference_dtype: Optional[tuple] = None  # (device, dtype) once resolved
+        self.set_inference_dtype(inference_dtype)
         trainable, frozen = count_parameters(self)
         logger.info(
             f"DESSAM parameters: {trainable / 1e6:.2f}M trainable, {frozen / 1e6:.2f}M frozen"
@@ -153,6 +151,12 @@ class DESSAM(nn.Module):
     @property
     def mask_head(self) -> nn.Module:
         return self.roi_heads.mask_head
+
+    def set_inference_dtype(self, setting: str) -> None:
+        """MODEL.DESSAM.INFERENCE_DTYPE: "auto", "float32" or "bfloat16"."""
+        resolve_inference_dtype(setting, "cpu")  # reject a wrong value now
+        self.inference_dtype_setting = setting
+        self._inference_dtype: Optional[tuple] = None  # (device, dtype) once resolved
 
     def inference_dtype(self) -> torch.dtype:
         """The dtype inference computes in on this model's device (logged the first time)."""
