@@ -100,6 +100,12 @@ def add_dessam_config(cfg: CN) -> None:
     _C.MODEL.DESSAM.FAST_DECODER = True
     # Inference-only decoder precision: "float32" (paper) or "bfloat16" (faster on AVX512-BF16).
     _C.MODEL.DESSAM.DECODER_INFERENCE_DTYPE = "float32"
+    # Inference precision of the encoder, pyramid, RPN and box head: "auto" = bfloat16 on a CPU
+    # with native bfloat16 (AVX512-BF16, AMX, Arm BF16) or on CUDA, float32 elsewhere (emulated
+    # bfloat16 is ~10x slower); "float32"; "bfloat16". SAM's mask decoder follows
+    # DECODER_INFERENCE_DTYPE (bfloat16 moves its outlines more). Training is float32; outputs
+    # are float32 either way.
+    _C.MODEL.DESSAM.INFERENCE_DTYPE = "auto"
 
     # Inference thresholds of SPEC.md (PatchSeg; ClusterSeg uses NMS 0.2) and the nuclei cap.
     _C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.55

@@ -15,7 +15,8 @@ from detectron2.utils.events import EventStorage
 from dessam_d2.data import DESSAMDatasetMapper
 from dessam_d2.inference.annotate import boxes_to_masks
 from dessam_d2.inference.predictor import Predictor, predict_images
-from dessam_d2.modeling.embedding_cache import EmbeddingCache, module_fingerprint
+from dessam_d2.modeling.embedding_cache import EmbeddingCache
+from dessam_d2.utils.hashing import module_fingerprint
 
 SHAPE = (256, 4, 4)
 

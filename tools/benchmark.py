@@ -4,12 +4,27 @@
     python tools/benchmark.py            # median of 3 after a warm-up, ~9 min on 2 idle cores
     python tools/benchmark.py --quick    # 1 timed run after the warm-up, ~4 min on 2 idle cores
 
-Phases: encoder forward; a training step (forward, backward, SGD step; 50 nuclei) without and
-with the embedding cache; inference per image (encoder + detector + decoder + postprocessing)
-with 10, 100 and 500 nuclei (score threshold 0, NMS off, DETECTIONS_PER_IMAGE = N, so the
-detector keeps exactly N boxes), and with 100 and 500 again with the decoder in bfloat16; SAM's
-decoder alone in ms per nucleus (segment-anything's MaskDecoder, this package's shared-work
-decoder in float32 and bfloat16) and where its time goes.
+Phases: encoder forward (float32, and bfloat16); a training step (forward, backward, SGD step;
+50 nuclei) without and with the embedding cache; inference per image (encoder + detector +
+decoder + postprocessing) with 10, 100 and 500 nuclei (score threshold 0, NMS off,
+DETECTIONS_PER_IMAGE = N, so the detector keeps exactly N boxes), with 100 and 500 again with the
+whole model in bfloat16 (MODEL.DESSAM.INFERENCE_DTYPE) and with only the decoder in bfloat16
+(MODEL.DESSAM.DECODER_INFERENCE_DTYPE); SAM's decoder alone in ms per nucleus (segment-anything's
+MaskDecoder, this package's shared-work decoder in float32 and bfloat16) and where its time goes.
+
+Where the time of a run goes is read from the model's own ``torch.profiler.record_function``
+labels ("dessam/encoder", "dessam/pyramid", "dessam/rpn", "dessam/box_head",
+"dessam/mask_decoder", "dessam/postprocess"; "dessam/teacher" and "dessam/student" in training;
+"dessam/decoder/..." inside the shared-work decoder) through ``torch.profiler.profile``.
+
+bfloat16 is emulated (slowly) on a CPU without AVX512-BF16 / AMX / Arm BF16: ``--bf16 auto`` (the
+default) measures the whole-model bfloat16 phases only where the CPU computes bfloat16 natively
+(their keys are null otherwise), ``--bf16 always`` everywhere (the encoder alone then takes
+minutes per forward on AVX2), ``--bf16 never`` nowhere.
+
+``--peers-venv PATH`` also runs tools/benchmark_peers.py (segment-anything's predictor, micro-sam,
+Cellpose-SAM, installed in the virtualenv PATH) and adds its figures and each one's ratio to
+segment-anything's predictor with 100 boxes.
 
 Each phase runs in a fresh process and reports its peak RSS (``ru_maxrss``: model building
 included, since a fresh process is the only clean way to get a phase's peak). Prints a table and,
@@ -45,6 +60,8 @@ PROTOTYPE = {
 }
 TARGET_RATIOS = {"train_step_cached": 1.5, "infer_100": 1.6, "infer_500": 3.0, "rss_500": 1.5}
 PHASES = ["encoder", "train_uncached", "train_cached", "infer", "decoder"]
+PEERS_TOOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_peers.py")
+PEER_KEYS = ["sam_predictor_100_s", "sam_predictor_500_s", "microsam_ais_s", "cellpose_sam_s"]
 
 
 def build_cfg(args, **overrides):
@@ -89,27 +106,24 @@ def random_boxes(n: int, size: int = 1024, seed: int = 0) -> "torch.Tensor":
     return torch.cat([xy, xy + 15 + 60 * torch.rand(n, 2, generator=g)], dim=1)
 
 
-class Timers:
-    """Wall time of wrapped callables, accumulated per name, reset per measured run."""
+def labelled(fn):
+    """Run fn under torch.profiler: (fn's result, {label: seconds} of the "dessam/..."
+    record_function labels the model code places, summed over their calls)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def __init__(self):
-        self.total = defaultdict(float)
-
-    def wrap(self, obj, attr, name_fn):
-        real = getattr(obj, attr)
-
-        def timed(*a, **k):
-            t = time.perf_counter()
-            out = real(*a, **k)
-            self.total[name_fn(*a, **k)] += time.perf_counter() - t
-            return out
-
-        setattr(obj, attr, timed)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    parts = defaultdict(float)
+    for evt in prof.key_averages():
+        if evt.key.startswith("dessam/"):
+            parts[evt.key[len("dessam/") :]] += evt.cpu_time_total / 1e6
+    return out, dict(parts)
 
 
-def measure(fn, repeats: int):
+def measure(fn, repeats: int, warm_up: bool = True):
     """Warm-up run, then ``repeats`` timed runs: (median seconds, per-run extra dicts)."""
-    fn()
+    if warm_up:
+        fn()
     times, extras = [], []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -131,13 +145,43 @@ def peak_rss_gb() -> float:
 # ----------------------------------------------------------------------------------- phases
 
 
+def bf16_wanted(args) -> bool:
+    from dessam_d2.modeling.meta_arch import resolve_inference_dtype
+
+    if args.bf16 == "auto":
+        return resolve_inference_dtype("auto", "cpu") == torch.bfloat16
+    return args.bf16 == "always"
+
+
 def phase_encoder(args):
     model = build_model(build_cfg(args)).eval()
     inp = synthetic_input(50, with_gt=False)
     images, _ = model.preprocess_image([inp])
+    out = {}
     with torch.no_grad():
-        t, _ = measure(lambda: model.image_encoder.encode(images.tensor), args.repeats)
-    return {"encoder_s": t}
+        out["encoder_s"], _ = measure(lambda: model.encode(images.tensor), args.repeats)
+        if bf16_wanted(args):
+            ref = model.encode(images.tensor)
+            outs = []
+            # No warm-up when emulated: each forward takes minutes, the first one is no slower.
+            t, _ = measure(
+                lambda: outs.append(model.encode(images.tensor, torch.bfloat16)),
+                args.repeats,
+                native_bf16(),
+            )
+            emb = outs[-1]
+            out["encoder_bf16_s"] = t
+            out["encoder_bf16_cosine"] = float(
+                torch.nn.functional.cosine_similarity(emb.flatten(), ref.flatten(), dim=0)
+            )
+            out["encoder_bf16_rel_err"] = float((emb - ref).norm() / ref.norm())
+    return out
+
+
+def native_bf16() -> bool:
+    from dessam_d2.modeling.meta_arch import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def phase_train(args, cached: bool):
@@ -149,25 +193,19 @@ def phase_train(args, cached: bool):
     inp = synthetic_input(args.train_nuclei)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    timers = Timers()
-    timers.wrap(model, "image_embeddings", lambda *a, **k: "embeddings")
-    head = model.roi_heads.mask_head
-    timers.wrap(head, "decode", lambda e, b, student: "student" if student else "teacher")
     counts = {}
-    real_decode = head.decode
-
-    def counting_decode(embedding, boxes, student):
-        counts["student" if student else "teacher"] = len(boxes)
-        return real_decode(embedding, boxes, student)
-
-    head.decode = counting_decode
     losses_first = {}
 
-    def step():
-        timers.total.clear()
+    def forward():
         torch.manual_seed(1)
-        with EventStorage():
+        with EventStorage() as storage:
             losses = model([inp])
+        for k in ("teacher", "student"):  # how many prompts each decoder ran (the mask head's)
+            counts[k] = int(storage.latest().get(f"mask_head/{k}_prompts", (0,))[0])
+        return losses
+
+    def step():
+        losses, parts = labelled(forward)
         if not losses_first:
             losses_first.update({k: v.item() for k, v in losses.items()})
         t = time.perf_counter()
@@ -175,12 +213,12 @@ def phase_train(args, cached: bool):
         sum(losses.values()).backward()
         backward = time.perf_counter() - t
         opt.step()
-        return {"backward": backward, **dict(timers.total)}
+        return {"backward": backward, **parts}
 
     t, extras = measure(step, args.repeats)
     out = {
         "step_s": t,
-        "embeddings_s": median_of(extras, "embeddings"),
+        "embeddings_s": median_of(extras, "encoder"),
         "teacher_s": median_of(extras, "teacher"),
         "student_fwd_s": median_of(extras, "student"),
         "backward_s": median_of(extras, "backward"),
@@ -211,29 +249,29 @@ def phase_infer(args):
     }
     model = build_model(build_cfg(args, **overrides)).eval()
     inp = synthetic_input(50, with_gt=False)  # the content does not matter here
-    timers = Timers()
-    timers.wrap(model, "image_embeddings", lambda *a, **k: "encoder")
-    timers.wrap(model.roi_heads.mask_head, "decode", lambda *a, **k: "decoder")
-    timers.wrap(model, "postprocess", lambda *a, **k: "postprocess")
     kept = []
 
     def run():
-        timers.total.clear()
         with torch.no_grad():
-            kept.append(len(model([inp])[0]["instances"]))
-        return dict(timers.total)
+            instances, parts = labelled(lambda: model([inp])[0]["instances"])
+        kept.append(len(instances))
+        return parts
 
     head = model.roi_heads.mask_head
     model.roi_heads.box_predictor.test_topk_per_image = sizes[0]
     run()  # warm-up
     out = {}
-    runs = [(n, "float32") for n in sizes]
-    # The decoder in bfloat16 (MODEL.DESSAM.DECODER_INFERENCE_DTYPE) after the float32 runs,
-    # so that the peak RSS readings above stay those of the default.
-    runs += [(n, "bfloat16") for n in sizes if n >= 100]
-    for n, dtype in runs:
+    # (nuclei, MODEL.DESSAM.INFERENCE_DTYPE, DECODER_INFERENCE_DTYPE, name suffix)
+    runs = [(n, "float32", "float32", "") for n in sizes]
+    # bfloat16 after the float32 runs, so that the peak RSS readings stay those of the default:
+    # the decoder alone, then (--bf16) the whole model.
+    runs += [(n, "float32", "bfloat16", "_bf16_decoder") for n in sizes if n >= 100]
+    if bf16_wanted(args):
+        runs += [(n, "bfloat16", "float32", "_bf16") for n in sizes if n >= 100]
+    for n, model_dtype, decoder_dtype, suffix in runs:
         model.roi_heads.box_predictor.test_topk_per_image = n
-        head.inference_dtype = dtype
+        model.set_inference_dtype(model_dtype)
+        head.inference_dtype = decoder_dtype
         times, extras = [], []
         for _ in range(args.repeats):
             t = time.perf_counter()
@@ -241,20 +279,19 @@ def phase_infer(args):
             times.append(time.perf_counter() - t)
             if kept[-1] != n:
                 raise RuntimeError(f"the detector kept {kept[-1]} boxes, not {n}")
-        name = f"infer_{n}" + ("_bf16" if dtype == "bfloat16" else "")
+        name = f"infer_{n}{suffix}"
         out[name + "_s"] = statistics.median(times)
-        parts = ("encoder", "decoder", "postprocess")
-        out[name + "_parts"] = {k: median_of(extras, k) for k in parts}
-        if dtype == "float32":
+        out[name + "_parts"] = {k: median_of(extras, k) for k in INFER_PARTS}
+        if suffix == "":
             out[f"peak_rss_infer_{n}_gb"] = peak_rss_gb()
     return out
 
 
 def decoder_breakdown(head, emb, boxes, repeats: int) -> dict:
-    """Where the decoder's time goes, ms per nucleus per part, segment-anything's and ours."""
-    from dessam_d2.modeling import fast_decoder
-
+    """Where the decoder's time goes, ms per nucleus per part, segment-anything's (forward hooks
+    on its modules, removed afterwards) and ours (its "dessam/decoder/..." profiler labels)."""
     times = defaultdict(float)
+    handles = []
 
     def time_module(module, name):
         def pre(*_):
@@ -263,65 +300,46 @@ def decoder_breakdown(head, emb, boxes, repeats: int) -> dict:
         def post(*_):
             times[name] += time.perf_counter() - times["_start_" + name]
 
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
 
     dec = head.mask_decoder
     tr = dec.transformer
-    for i, layer in enumerate(tr.layers):
-        time_module(layer, f"ref block {i}")
-    time_module(tr.final_attn_token_to_image, "ref final attention")
-    time_module(dec.output_upscaling, "ref upscaling")
-    for mlp in dec.output_hypernetworks_mlps:
-        time_module(mlp, "hypernetwork MLPs")
-    time_module(dec.iou_prediction_head, "ref IoU head")
-
-    cls = fast_decoder.SharedImageDecoder
-    originals = {a: getattr(cls, a) for a in ("__init__", "_block", "_upscaled_mask")}
-    calls = defaultdict(int)
-
-    def timed(attr, name_fn):
-        real = originals[attr]
-
-        def wrapper(self, *a, **k):
-            t = time.perf_counter()
-            out = real(self, *a, **k)
-            times[name_fn(self)] += time.perf_counter() - t
-            return out
-
-        return wrapper
-
-    def block_name(self):
-        i = calls[id(self)] % len(tr.layers)
-        calls[id(self)] += 1
-        return f"fast block {i}"
-
-    cls.__init__ = timed("__init__", lambda self: "fast shared first-block image side")
-    cls._block = timed("_block", block_name)
-    cls._upscaled_mask = timed("_upscaled_mask", lambda self: "fast upscaling (tiled)")
     out = {}
-    try:
-        for fast in (False, True):
-            head.fast_decoder = fast
+    for fast in (False, True):
+        head.fast_decoder = fast
+        if not fast:
+            for i, layer in enumerate(tr.layers):
+                time_module(layer, f"ref block {i}")
+            time_module(tr.final_attn_token_to_image, "ref final attention")
+            time_module(dec.output_upscaling, "ref upscaling")
+            for mlp in dec.output_hypernetworks_mlps:
+                time_module(mlp, "hypernetwork MLPs")
+            time_module(dec.iou_prediction_head, "ref IoU head")
+        t = 0.0
+        with torch.no_grad():
+            head.decode(emb, boxes, student=True)  # warm-up
             times.clear()
-            t = 0.0
-            with torch.no_grad():
-                head.decode(emb, boxes, student=True)  # warm-up
-                times.clear()
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                if fast:
+                    _, labels = labelled(lambda: head.decode(emb, boxes, student=True))
+                    for k, v in labels.items():
+                        if k.startswith("decoder/"):
+                            times["fast " + k[len("decoder/") :]] += v
+                else:
                     head.decode(emb, boxes, student=True)
-                    t += time.perf_counter() - t0
-            parts = {k: v for k, v in times.items() if not k.startswith("_start_")}
-            prefix = "fast" if fast else "reference"
-            total = 1000 * t / repeats / len(boxes)
-            parts = {k: 1000 * v / repeats / len(boxes) for k, v in parts.items()}
-            rest = total - sum(parts.values())
-            parts["rest: prompt encoder, copies, final attention, mask product"] = rest
-            out[prefix] = {"total": total, **parts}
-    finally:
-        for attr, fn in originals.items():
-            setattr(cls, attr, fn)
+                t += time.perf_counter() - t0
+        for h in handles:
+            h.remove()
+        handles.clear()
+        parts = {k: v for k, v in times.items() if not k.startswith("_start_")}
+        prefix = "fast" if fast else "reference"
+        total = 1000 * t / repeats / len(boxes)
+        parts = {k: 1000 * v / repeats / len(boxes) for k, v in parts.items()}
+        rest = total - sum(parts.values())
+        parts["rest: prompt encoder, copies, final attention, mask product"] = rest
+        out[prefix] = {"total": total, **parts}
     return out
 
 
@@ -362,6 +380,9 @@ def phase_decoder(args):
     return out
 
 
+INFER_PARTS = ("encoder", "pyramid", "rpn", "box_head", "mask_decoder", "postprocess")
+
+
 def run_phase(args):
     torch.set_num_threads(args.threads)
     if args.phase == "encoder":
@@ -386,7 +407,7 @@ def child(args, phase, extra=()):
     cmd += ["--config-file", args.config_file, "--threads", str(args.threads)]
     cmd += ["--repeats", str(args.repeats), "--train-nuclei", str(args.train_nuclei)]
     cmd += ["--decoder-nuclei", str(args.decoder_nuclei)]
-    cmd += ["--reference-nuclei", str(args.reference_nuclei)]
+    cmd += ["--reference-nuclei", str(args.reference_nuclei), "--bf16", args.bf16]
     cmd += (["--quick"] if args.quick else []) + list(extra)
     t = time.perf_counter()
     print(f"[benchmark] {phase} {' '.join(extra)} ...", file=sys.stderr, flush=True)
@@ -397,6 +418,47 @@ def child(args, phase, extra=()):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"[benchmark] {phase} done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return out
+
+
+def run_peers(args) -> dict:
+    """tools/benchmark_peers.py in a child process (its table goes to stdout, its last line is
+    one JSON object); {} with one line saying why when it cannot run."""
+    venv = os.path.abspath(os.path.expanduser(args.peers_venv))
+    if not os.path.isfile(PEERS_TOOL):
+        print(f"[benchmark] peers skipped: {PEERS_TOOL} does not exist", file=sys.stderr)
+        return {}
+    if not os.path.isfile(os.path.join(venv, "bin", "python")):
+        print(
+            f"[benchmark] peers skipped: no virtualenv at {venv} (no bin/python)", file=sys.stderr
+        )
+        return {}
+    cmd = [sys.executable, PEERS_TOOL, "--peers-venv", venv]
+    cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+    print("[benchmark] peers ...", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    lines = res.stdout.strip().splitlines()
+    try:
+        peers = json.loads(lines[-1]) if res.returncode == 0 and lines else None
+    except json.JSONDecodeError:
+        peers = None
+    if not isinstance(peers, dict):
+        sys.stderr.write(res.stderr[-4000:])
+        print(f"[benchmark] peers failed (exit {res.returncode}), skipped", file=sys.stderr)
+        return {}
+    print("\n".join(lines[:-1]))
+    print(f"[benchmark] peers done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return peers
+
+
+def peer_ratios(r: dict) -> dict:
+    """Each row's time over segment-anything's predictor with 100 boxes."""
+    base = r.get("sam_predictor_100_s")
+    if not base:
+        return {}
+    keys = [f"infer_{n}{d}_s" for n in (100, 500) for d in ("", "_bf16", "_bf16_decoder")]
+    keys += PEER_KEYS
+    return {k: r[k] / base for k in keys if isinstance(r.get(k), (int, float))}
 
 
 def relative_changes(a: dict, b: dict) -> dict:
@@ -414,6 +476,7 @@ def main_parent(args):
         inf = child(args, "infer", ["--infer-nuclei", "10", "100"])
         inf.update(child(args, "infer", ["--infer-nuclei", "500"]))
     dec = child(args, "decoder")
+    peers = run_peers(args) if args.peers_venv else {}
 
     e = enc["encoder_s"]
     r = {
@@ -423,8 +486,11 @@ def main_parent(args):
         "infer_10_s": inf["infer_10_s"],
         "infer_100_s": inf["infer_100_s"],
         "infer_500_s": inf["infer_500_s"],
-        "infer_100_bf16_s": inf["infer_100_bf16_s"],
-        "infer_500_bf16_s": inf["infer_500_bf16_s"],
+        "encoder_bf16_s": enc.get("encoder_bf16_s"),
+        "infer_100_bf16_s": inf.get("infer_100_bf16_s"),
+        "infer_500_bf16_s": inf.get("infer_500_bf16_s"),
+        "infer_100_bf16_decoder_s": inf["infer_100_bf16_decoder_s"],
+        "infer_500_bf16_decoder_s": inf["infer_500_bf16_decoder_s"],
         "decoder_ms_per_nucleus": dec["decoder_fast_fp32_ms_per_nucleus"],
         "decoder_bf16_ms_per_nucleus": dec["decoder_fast_bf16_ms_per_nucleus"],
         "decoder_reference_ms_per_nucleus": dec["decoder_reference_ms_per_nucleus"],
@@ -439,8 +505,13 @@ def main_parent(args):
     r["train_step_uncached_ratio"] = r["train_step_uncached_s"] / e
     for n in (10, 100, 500):
         r[f"infer_{n}_ratio"] = r[f"infer_{n}_s"] / e
+    for key in ("encoder_bf16", "infer_100_bf16", "infer_500_bf16"):
+        r[f"{key}_ratio"] = r[f"{key}_s"] / e if r[f"{key}_s"] is not None else None
     for n in (100, 500):
-        r[f"infer_{n}_bf16_ratio"] = r[f"infer_{n}_bf16_s"] / e
+        r[f"infer_{n}_bf16_decoder_ratio"] = r[f"infer_{n}_bf16_decoder_s"] / e
+    r["encoder_bf16_cosine"] = enc.get("encoder_bf16_cosine")
+    r["native_bf16"] = native_bf16()
+    r["bf16_phases"] = args.bf16
     r["peak_rss_infer_500_ratio"] = r["peak_rss_infer_500_gb"] / r["peak_rss_encoder_gb"]
     r["fp16_cache_loss_rel_change"] = relative_changes(unc["first_losses"], cac["first_losses"])
     r["cache"] = cac["cache"]
@@ -448,6 +519,9 @@ def main_parent(args):
     tuned = os.environ.get(MALLOC_TUNING_SWITCH) != "0" and tune_malloc()
     r["malloc"] = "tuned (dessam_d2.utils.malloc.tune_malloc)" if tuned else "default"
     r["repeats"] = args.repeats
+    r.update(peers)
+    if peers:
+        r["ratio_to_sam_predictor_100"] = peer_ratios(r)
     r["wall_s"] = time.perf_counter() - t0
 
     print_report(args, r, unc, cac, inf, dec)
@@ -479,11 +553,17 @@ def print_report(args, r, unc, cac, inf, dec):
         p = PROTOTYPE.get(proto_key)
         proto = f"{p:.1f} ({p / PROTOTYPE['encoder_s']:.1f}x)" if p else "-"
         print(f"| {name} | {seconds:.2f} | {seconds / e:.2f} | {rss:.2f} | {proto} |")
+    bf16_rows = [("encoder forward, bfloat16", "encoder_bf16")]
     for n in (100, 500):
-        seconds = r[f"infer_{n}_bf16_s"]
-        print(
-            f"| inference, {n} nuclei, bfloat16 decoder | {seconds:.2f} | {seconds / e:.2f} | | - |"
-        )
+        bf16_rows.append((f"inference, {n} nuclei, bfloat16 decoder", f"infer_{n}_bf16_decoder"))
+        bf16_rows.append((f"inference, {n} nuclei, bfloat16 model", f"infer_{n}_bf16"))
+    for name, key in bf16_rows:
+        seconds = r[key + "_s"]
+        if seconds is None:
+            why = "no native bfloat16 here" if args.bf16 == "auto" else f"--bf16 {args.bf16}"
+            print(f"| {name} | not measured ({why}) | | | - |")
+        else:
+            print(f"| {name} | {seconds:.2f} | {seconds / e:.2f} | | - |")
     print(
         f"| SAM decoder, ms per nucleus | {r['decoder_ms_per_nucleus']:.1f} | | | "
         f"{PROTOTYPE['decoder_ms_per_nucleus']:.0f} |"
@@ -496,11 +576,17 @@ def print_report(args, r, unc, cac, inf, dec):
                 parts.append(f"{name} {k[:-2]} {d[k]:.2f}")
     prompts = f"teacher {cac['teacher_prompts']}, student {cac['student_prompts']}"
     print(f"Training step parts (s): {', '.join(parts)}; prompts: {prompts}")
-    for name in ("infer_10", "infer_100", "infer_500", "infer_100_bf16", "infer_500_bf16"):
-        p = inf[f"{name}_parts"]
-        rest = r[f"{name}_s"] - sum(v for v in p.values() if v)
+    for name in ("infer_10", "infer_100", "infer_500") + tuple(
+        f"infer_{n}_bf16{d}" for n in (100, 500) for d in ("_decoder", "")
+    ):
+        p = inf.get(f"{name}_parts")
+        if p is None:
+            continue
+        rest = r.get(f"{name}_s", inf.get(f"{name}_s")) - sum(v for v in p.values() if v)
         text = ", ".join(f"{k} {v:.2f}" for k, v in p.items() if v is not None)
-        print(f"{name} parts (s): {text}, detector and rest {rest:.2f}")
+        print(f"{name} parts (s): {text}, rest {rest:.2f}")
+    if r.get("encoder_bf16_cosine") is not None:
+        print(f"bfloat16 encoder vs float32: cosine {r['encoder_bf16_cosine']:.6f}")
     speeds = [
         f"{k[len('decoder_') : -len('_ms_per_nucleus')]} {v:.1f}"
         for k, v in dec.items()
@@ -530,6 +616,28 @@ def print_report(args, r, unc, cac, inf, dec):
     ]
     verdicts = [f"{n} {v:.2f} <= {t} {'met' if v <= t else 'MISSED'}" for n, v, t in checks]
     print("Targets (x encoder): " + ", ".join(verdicts))
+    ratios = r.get("ratio_to_sam_predictor_100")
+    if ratios:
+        print(
+            f"Time per image over segment-anything's predictor with 100 boxes "
+            f"({r['sam_predictor_100_s']:.2f} s):"
+        )
+        names = {
+            "infer_100_s": "DES-SAM float32, 100 nuclei",
+            "infer_500_s": "DES-SAM float32, 500 nuclei",
+            "infer_100_bf16_s": "DES-SAM bfloat16, 100 nuclei",
+            "infer_500_bf16_s": "DES-SAM bfloat16, 500 nuclei",
+            "infer_100_bf16_decoder_s": "DES-SAM bfloat16 decoder only, 100 nuclei",
+            "infer_500_bf16_decoder_s": "DES-SAM bfloat16 decoder only, 500 nuclei",
+            "sam_predictor_100_s": "segment-anything predictor, 100 boxes",
+            "sam_predictor_500_s": "segment-anything predictor, 500 boxes",
+            "microsam_ais_s": "micro-sam automatic instance segmentation",
+            "cellpose_sam_s": "Cellpose-SAM",
+        }
+        for k, v in ratios.items():
+            rss = r.get(k[: -len("_s")] + "_rss_gb")
+            extra = f", peak RSS {rss:.2f} GB" if isinstance(rss, (int, float)) else ""
+            print(f"  {names.get(k, k)}: {r[k]:.2f} s, {v:.2f}x{extra}")
     print(f"Total benchmark wall time {r['wall_s']:.0f} s")
 
 
@@ -543,6 +651,18 @@ def parse_args(argv=None):
     p.add_argument("--decoder-nuclei", type=int, default=100)
     p.add_argument("--reference-nuclei", type=int, default=16, help="for segment-anything's")
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=[8, 16, 64])
+    p.add_argument(
+        "--bf16",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="whole-model bfloat16 phases: auto = where the CPU has native bfloat16",
+    )
+    p.add_argument(
+        "--peers-venv",
+        default="",
+        help="virtualenv with segment-anything, micro-sam and Cellpose-SAM: also run "
+        "tools/benchmark_peers.py",
+    )
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     p.add_argument("--infer-nuclei", type=int, nargs="+", default=[10, 100, 500], help="phase")
     args = p.parse_args(argv)

@@ -6,8 +6,9 @@ the same every epoch, in evaluation and in prediction: it is computed once (11 s
 
 An entry's key hashes everything the embedding depends on: the bytes of the image fed to the
 encoder (after resizing and any flip, so every flip gets its own entry), its shape, the
-transform's name, the input size, the storage dtype and a fingerprint of the encoder's weights
-and preprocessing (``module_fingerprint``). Change any of them and the key changes: stale
+transform's name, the input size, the storage dtype, the dtype the encoder computed in (float32
+and bfloat16 embeddings differ) and a fingerprint of the encoder's weights and preprocessing
+(``module_fingerprint``). Change any of them and the key changes: stale
 entries are never read, only evicted when the cache is over its size cap (least recently used
 first).
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..utils.hashing import module_fingerprint, tensor_digest  # noqa: F401 (re-exported)
+from ..utils.hashing import tensor_digest
 from ..utils.io import TEMP_SUFFIX, atomic_open
 
 logger = logging.getLogger(__name__)
@@ -74,10 +75,19 @@ class EmbeddingCache:
             f"of {max_gb:g} GB, stored as {dtype}"
         )
 
-    def key(self, image: torch.Tensor, transform: str, input_size: int, fingerprint: str) -> str:
-        """The entry name of one image (as fed to the encoder, before normalisation)."""
+    def key(
+        self,
+        image: torch.Tensor,
+        transform: str,
+        input_size: int,
+        fingerprint: str,
+        encoder_dtype: torch.dtype = torch.float32,
+    ) -> str:
+        """The entry name of one image (as fed to the encoder, before normalisation) encoded in
+        ``encoder_dtype``."""
         h = hashlib.blake2b(digest_size=20)
-        h.update(f"{fingerprint}|{input_size}|{transform}|{self.dtype_name}|".encode())
+        fields = [fingerprint, input_size, transform, self.dtype_name, encoder_dtype, ""]
+        h.update("|".join(str(f) for f in fields).encode())
         return tensor_digest(image, h).hexdigest()
 
     def path(self, key: str) -> str:

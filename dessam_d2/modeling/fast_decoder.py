@@ -25,7 +25,8 @@ Everything uses SAM's own modules and parameters (no copy, no re-training): the 
 layers (self-attention, MLP, norms, hypernetwork, GELUs) are called as they are; the image-token
 attentions and the upscaling use their modules' weights in the re-associated products above.
 Outputs equal ``MaskDecoder(..., multimask_output=False)`` up to float rounding, gradients
-included (tests/test_fast_decoding.py).
+included (tests/test_modeling_fast_decoder.py). ``fast_path_mismatch`` checks that a decoder has the
+structure all this relies on; the mask head falls back to SAM's own ``MaskDecoder`` when not.
 """
 
 import math
@@ -33,10 +34,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import MaskDecoder
-from segment_anything.modeling.common import LayerNorm2d
-from segment_anything.modeling.transformer import Attention
+from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+from segment_anything.modeling.common import LayerNorm2d, MLPBlock
+from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 # Image tokens that go through the transformer in one pass (as many prompts as fit, at least
@@ -47,6 +49,62 @@ PASS_TOKENS = 4096
 # Image tokens per tile of the output upscaling: 1024 tokens x 64 channels x 4 sub-pixels of
 # float32 (1 MB) stays in a core's L2 cache; measured fastest here among 256..4096.
 UPSCALE_TILE_TOKENS = 1024
+
+
+def _same_method(obj, cls, name: str) -> bool:
+    return getattr(type(obj), name, None) is getattr(cls, name)
+
+
+def _attention_mismatch(attn, name: str) -> Optional[str]:
+    if not isinstance(attn, Attention) or not _same_method(attn, Attention, "forward"):
+        return f"{name} is not segment-anything's Attention"
+    projections = [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    if not all(isinstance(p, nn.Linear) and p.bias is not None for p in projections):
+        return f"{name}'s q/k/v/out projections are not biased nn.Linear"
+    if attn.internal_dim % attn.num_heads or attn.q_proj.out_features != attn.internal_dim:
+        return f"{name}'s internal width does not split into its heads"
+    return None
+
+
+def fast_path_mismatch(decoder: nn.Module) -> Optional[str]:
+    """None if ``decoder`` is segment-anything's MaskDecoder as ``SharedImageDecoder`` reads it
+    (the classes and forward methods of the decoder, its two-way transformer, blocks and
+    attentions, and the attributes used), else what differs."""
+    if not isinstance(decoder, MaskDecoder) or not all(
+        _same_method(decoder, MaskDecoder, m) for m in ("forward", "predict_masks")
+    ):
+        return f"{type(decoder).__name__} is not segment-anything's MaskDecoder"
+    tr = getattr(decoder, "transformer", None)
+    if not isinstance(tr, TwoWayTransformer) or not _same_method(tr, TwoWayTransformer, "forward"):
+        return "its transformer is not segment-anything's TwoWayTransformer"
+    if not isinstance(getattr(decoder, "iou_token", None), nn.Embedding) or not isinstance(
+        getattr(decoder, "mask_tokens", None), nn.Embedding
+    ):
+        return "its iou_token / mask_tokens are not nn.Embedding"
+    if len(getattr(decoder, "output_hypernetworks_mlps", ())) < 1:
+        return "it has no output hypernetwork MLP"
+    if not isinstance(getattr(decoder, "output_upscaling", None), nn.Module):
+        return "it has no output_upscaling"
+    if len(tr.layers) < 1 or not isinstance(getattr(tr, "norm_final_attn", None), nn.LayerNorm):
+        return "its transformer has no blocks or no final norm"
+    reason = _attention_mismatch(getattr(tr, "final_attn_token_to_image", None), "final attn")
+    if reason:
+        return reason
+    for i, layer in enumerate(tr.layers):
+        if not isinstance(layer, TwoWayAttentionBlock) or not _same_method(
+            layer, TwoWayAttentionBlock, "forward"
+        ):
+            return f"block {i} is not segment-anything's TwoWayAttentionBlock"
+        norms = [getattr(layer, f"norm{j}", None) for j in range(1, 5)]
+        if not all(isinstance(n, nn.LayerNorm) for n in norms):
+            return f"block {i}'s norm1..norm4 are not nn.LayerNorm"
+        if not isinstance(getattr(layer, "mlp", None), MLPBlock):
+            return f"block {i}'s mlp is not segment-anything's MLPBlock"
+        for name in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"):
+            reason = _attention_mismatch(getattr(layer, name, None), f"block {i} {name}")
+            if reason:
+                return reason
+    return None
 
 
 def _split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -192,9 +250,10 @@ class SharedImageDecoder:
         first = mask_decoder.transformer.layers[0]
         src_pe = self.src + self.pe
         # The first block's image side, shared by all prompts.
-        self.k0 = first.cross_attn_token_to_image.k_proj(src_pe)  # L x I
-        self.v0 = first.cross_attn_token_to_image.v_proj(self.src)  # L x I
-        self.q0 = first.cross_attn_image_to_token.q_proj(src_pe)  # L x I
+        with record_function("dessam/decoder/shared_image_side"):
+            self.k0 = first.cross_attn_token_to_image.k_proj(src_pe)  # L x I
+            self.v0 = first.cross_attn_token_to_image.v_proj(self.src)  # L x I
+            self.q0 = first.cross_attn_image_to_token.q_proj(src_pe)  # L x I
         self.fast_upscaling = _upscaling_as_matmuls(mask_decoder.output_upscaling)
         self.checkpoint_upscaling = checkpoint_upscaling
         self.prompts_per_pass = prompts_per_pass
@@ -216,8 +275,9 @@ class SharedImageDecoder:
     def _decode(self, sparse: Tensor) -> Tensor:
         point_embedding = self.output_tokens(sparse)
         queries, keys = point_embedding, None  # keys None: the shared first-block image tokens
-        for layer in self.decoder.transformer.layers:
-            queries, keys = self._block(layer, queries, keys, point_embedding)
+        for i, layer in enumerate(self.decoder.transformer.layers):
+            with record_function(f"dessam/decoder/block{i}"):
+                queries, keys = self._block(layer, queries, keys, point_embedding)
         return self._mask(queries, keys, point_embedding)
 
     def _block(self, layer, queries: Tensor, keys: Optional[Tensor], query_pe: Tensor):
@@ -276,7 +336,8 @@ class SharedImageDecoder:
             upscaled = dec.output_upscaling(keys.transpose(1, 2).view(n, -1, self.h, self.w))
             b, c, h, w = upscaled.shape
             return (hyper @ upscaled.view(b, c, h * w)).view(b, 1, h, w)
-        return self._upscaled_mask(keys, hyper)
+        with record_function("dessam/decoder/upscaling"):
+            return self._upscaled_mask(keys, hyper)
 
     def _upscaled_mask(self, keys: Tensor, hyper: Tensor) -> Tensor:
         """hyper . output_upscaling(keys), a few prompts at a time: N x 1 x 4h x 4w.

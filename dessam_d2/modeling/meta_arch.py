@@ -1,12 +1,12 @@
 """The DES-SAM meta-architecture: SAM encoder -> SimpleFeaturePyramid -> RPN -> box head ->
 SAM prompt mask head (Fig. 2 of the paper)."""
 
+import contextlib
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import (
     META_ARCH_REGISTRY,
@@ -16,16 +16,50 @@ from detectron2.modeling import (
     build_roi_heads,
 )
 from detectron2.structures import Boxes, ImageList, Instances
+from segment_anything.modeling import Sam
 from torch import nn
+from torch.profiler import record_function
 
-from .embedding_cache import EmbeddingCache, module_fingerprint, weights_state
-from .prompt_mask_head import count_parameters
+from ..utils.hashing import module_fingerprint
+from .embedding_cache import EmbeddingCache, weights_state
 from .sam_weights import load_sam_checkpoint
 
 logger = logging.getLogger(__name__)
 
 # Loss terms of L_dect (Eq. 1, plus the RPN's), scaled by lambda_dect.
 DETECTION_LOSSES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg")
+
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# torch.cpu.get_capabilities() flags of a CPU that computes in bfloat16 natively (x86: AVX512-BF16,
+# AMX; Arm: the BF16 and SVE-BF16 extensions). Elsewhere bfloat16 is emulated with float32
+# arithmetic and conversions, which is slower than float32 (README: measured on AVX2).
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def cpu_has_native_bf16(capabilities: Optional[Mapping] = None) -> bool:
+    """Whether this CPU has bfloat16 arithmetic (``torch.cpu.get_capabilities()`` by default; a
+    torch without that function counts as no)."""
+    if capabilities is None:
+        get = getattr(torch.cpu, "get_capabilities", None)
+        capabilities = get() if get is not None else {}
+    return any(bool(capabilities.get(flag)) for flag in NATIVE_BF16_CPU_FLAGS)
+
+
+def resolve_inference_dtype(setting: str, device) -> torch.dtype:
+    """MODEL.DESSAM.INFERENCE_DTYPE on a device: "float32", "bfloat16", or "auto" = bfloat16 on
+    CUDA (where supported) and on a CPU with native bfloat16, float32 elsewhere."""
+    if setting in INFERENCE_DTYPES:
+        return INFERENCE_DTYPES[setting]
+    if setting != "auto":
+        raise ValueError(
+            f"MODEL.DESSAM.INFERENCE_DTYPE={setting!r}: use 'auto', 'float32' or 'bfloat16'"
+        )
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = device.type == "cpu" and cpu_has_native_bf16()
+    return torch.bfloat16 if native else torch.float32
 
 
 @META_ARCH_REGISTRY.register()
@@ -55,6 +89,7 @@ class DESSAM(nn.Module):
         embedding_cache_dir: str = "",
         embedding_cache_dtype: str = "float16",
         embedding_cache_max_gb: float = 20.0,
+        inference_dtype: str = "auto",
     ):
         super().__init__()
         self.backbone = backbone
@@ -78,6 +113,7 @@ class DESSAM(nn.Module):
                 embedding_cache_dir, embedding_cache_dtype, embedding_cache_max_gb
             )
         self._fingerprint, self._fingerprint_state, self._cache_logged = "", None, time.time()
+        self.set_inference_dtype(inference_dtype)
         trainable, frozen = count_parameters(self)
         logger.info(
             f"DESSAM parameters: {trainable / 1e6:.2f}M trainable, {frozen / 1e6:.2f}M frozen"
@@ -100,6 +136,7 @@ class DESSAM(nn.Module):
             "embedding_cache_dir": cfg.MODEL.DESSAM.EMBEDDING_CACHE_DIR,
             "embedding_cache_dtype": cfg.MODEL.DESSAM.EMBEDDING_CACHE_DTYPE,
             "embedding_cache_max_gb": cfg.MODEL.DESSAM.EMBEDDING_CACHE_MAX_GB,
+            "inference_dtype": cfg.MODEL.DESSAM.INFERENCE_DTYPE,
         }
 
     @property
@@ -114,6 +151,35 @@ class DESSAM(nn.Module):
     @property
     def mask_head(self) -> nn.Module:
         return self.roi_heads.mask_head
+
+    def set_inference_dtype(self, setting: str) -> None:
+        """MODEL.DESSAM.INFERENCE_DTYPE: "auto", "float32" or "bfloat16"."""
+        resolve_inference_dtype(setting, "cpu")  # reject a wrong value now
+        self.inference_dtype_setting = setting
+        self._inference_dtype: Optional[tuple] = None  # (device, dtype) once resolved
+
+    def inference_dtype(self) -> torch.dtype:
+        """The dtype inference computes in on this model's device (logged the first time)."""
+        device = self.device
+        if self._inference_dtype is None or self._inference_dtype[0] != device:
+            dtype = resolve_inference_dtype(self.inference_dtype_setting, device)
+            self._inference_dtype = (device, dtype)
+            why = ""
+            if self.inference_dtype_setting == "auto":
+                native = dtype == torch.bfloat16
+                why = f" (auto: {'native' if native else 'no native'} bfloat16 on {device.type})"
+            decoder = self.mask_head.inference_dtype
+            logger.info(
+                f"DESSAM inference runs in {str(dtype)[6:]}{why}, SAM's mask decoder in "
+                f"{decoder} (MODEL.DESSAM.DECODER_INFERENCE_DTYPE)"
+            )
+        return self._inference_dtype[1]
+
+    def autocast(self, dtype: torch.dtype):
+        """bfloat16 autocast on this model's device, or nothing for float32."""
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype)
 
     def sam_parts(self) -> Dict[str, nn.Module]:
         """The modules an official SAM checkpoint fills, under its own prefixes."""
@@ -143,27 +209,39 @@ class DESSAM(nn.Module):
         raw_padded = ImageList.from_tensors(raw, padding_constraints=square).tensor
         return images, raw_padded
 
-    def image_embeddings(self, images: ImageList, batched_inputs: List[Dict]) -> torch.Tensor:
-        """B x 256 x S/16 x S/16 SAM embeddings of the padded, normalised images.
+    def image_embeddings(
+        self,
+        images: ImageList,
+        batched_inputs: List[Dict],
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """B x 256 x S/16 x S/16 SAM embeddings (float32) of the padded, normalised images,
+        computed in ``dtype``.
 
         With the embedding cache on, an image's embedding is read from disk when the same
-        image (content, size, transform) went through the same encoder weights before, and
-        computed and stored otherwise.
+        image (content, size, transform) went through the same encoder weights in the same
+        dtype before, and computed and stored otherwise.
         """
+        with record_function("dessam/encoder"):
+            return self._image_embeddings(images, batched_inputs, dtype)
+
+    def _image_embeddings(
+        self, images: ImageList, batched_inputs: List[Dict], dtype: torch.dtype
+    ) -> torch.Tensor:
         cache = self.embedding_cache
         if cache is None:
-            return self.image_encoder.encode(images.tensor)
+            return self.encode(images.tensor, dtype)
         enc = self.image_encoder
         shape = (enc.out_chans, enc.embed_size, enc.embed_size)
         fingerprint = self.encoder_fingerprint()
         keys = [
-            cache.key(x["image"], x.get("sam_transform", ""), self.image_size, fingerprint)
+            cache.key(x["image"], x.get("sam_transform", ""), self.image_size, fingerprint, dtype)
             for x in batched_inputs
         ]
         found = [cache.get(k, shape) for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
-            fresh = enc.encode(images.tensor[missing])
+            fresh = self.encode(images.tensor[missing], dtype)
             for i, emb in zip(missing, fresh):
                 # What was stored, rounded to the cache's dtype: results do not depend on
                 # whether an image was a hit or a miss.
@@ -172,6 +250,12 @@ class DESSAM(nn.Module):
             self._cache_logged = time.time()
             logger.info(cache.summary(rescan=False))
         return torch.stack(found).to(self.device, torch.float32)
+
+    def encode(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """SAM's encoder on B x 3 x S x S normalised images, computed in ``dtype`` (bfloat16:
+        autocast, the weights stay float32), returned in float32."""
+        with self.autocast(dtype):
+            return self.image_encoder.encode(images).float()
 
     def encoder_fingerprint(self) -> str:
         """Hash of the encoder's weights and of the preprocessing in front of it; recomputed
@@ -212,7 +296,8 @@ class DESSAM(nn.Module):
         images, raw = self.preprocess_image(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         embeddings = self.image_embeddings(images, batched_inputs)
-        features = self.backbone(self.crop_to_images(embeddings, images))
+        with record_function("dessam/pyramid"):
+            features = self.backbone(self.crop_to_images(embeddings, images))
         features.update(sam_embed=embeddings, image=raw)
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
         _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
@@ -223,13 +308,25 @@ class DESSAM(nn.Module):
 
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
-        """Detect nuclei, then segment each with the student decoder."""
+        """Detect nuclei, then segment each with the student decoder.
+
+        Computes in ``inference_dtype()``: under bfloat16 the encoder, pyramid, RPN and box head
+        run in bfloat16 autocast, SAM's mask decoder in MODEL.DESSAM.DECODER_INFERENCE_DTYPE
+        (float32 by default, see SAMPromptMaskHead.decode); every output is float32. Each part
+        runs under a ``torch.profiler.record_function`` label "dessam/<part>"
+        (tools/benchmark.py).
+        """
+        dtype = self.inference_dtype()
         images, _ = self.preprocess_image(batched_inputs)
-        embeddings = self.image_embeddings(images, batched_inputs)
-        features = self.backbone(self.crop_to_images(embeddings, images))
-        features.update(sam_embed=embeddings, image=None)
-        proposals, _ = self.proposal_generator(images, features, None)
-        results, _ = self.roi_heads(images, features, proposals, None)
+        embeddings = self.image_embeddings(images, batched_inputs, dtype)
+        with self.autocast(dtype):
+            with record_function("dessam/pyramid"):
+                features = self.backbone(self.crop_to_images(embeddings, images))
+            features.update(sam_embed=embeddings, image=None)
+            with record_function("dessam/rpn"):
+                proposals, _ = self.proposal_generator(images, features, None)
+            # labels "dessam/box_head" and "dessam/mask_decoder" inside
+            results, _ = self.roi_heads(images, features, proposals, None)
         return [
             {"instances": self.postprocess(r, x, size)}
             for r, x, size in zip(results, batched_inputs, images.image_sizes)
@@ -244,8 +341,9 @@ class DESSAM(nn.Module):
         ``student=False`` prompts SAM as the teacher does (its own output tokens only): what an
         annotation team uses to turn cheap boxes into outlines.
         """
+        dtype = self.inference_dtype()
         images, _ = self.preprocess_image(batched_inputs)
-        embeddings = self.image_embeddings(images, batched_inputs)
+        embeddings = self.image_embeddings(images, batched_inputs, dtype)
         outputs = []
         for emb, b, x, size in zip(embeddings, boxes, batched_inputs, images.image_sizes):
             b = b.to(self.device, torch.float32).reshape(-1, 4)
@@ -258,26 +356,38 @@ class DESSAM(nn.Module):
         return outputs
 
     def postprocess(self, results: Instances, batched_input: Dict, input_size) -> Instances:
-        """Boxes and masks from the resized, padded frame back to the original image size."""
+        """Boxes and masks from the resized, padded frame back to the original image size, in
+        float32 (scores, boxes) and bool (masks) whatever the inference dtype."""
+        with record_function("dessam/postprocess"):
+            return self._postprocess(results, batched_input, input_size)
+
+    def _postprocess(self, results: Instances, batched_input: Dict, input_size) -> Instances:
         height = batched_input.get("height", input_size[0])
         width = batched_input.get("width", input_size[1])
         h, w = input_size
         out = Instances((height, width))
         boxes = results.pred_boxes.clone()
+        boxes.tensor = boxes.tensor.float()
         boxes.scale(width / w, height / h)
         boxes.clip((height, width))
         out.pred_boxes = boxes
-        out.scores = results.scores
+        out.scores = results.scores.float()
         out.pred_classes = results.pred_classes
-        logits = results.pred_mask_logits
+        logits = results.pred_mask_logits.float()
         masks = []
         for chunk in logits.split(16):  # bounded memory with hundreds of nuclei
-            up = F.interpolate(chunk, (self.image_size,) * 2, mode="bilinear", align_corners=False)
-            up = F.interpolate(
-                up[..., :h, :w], (height, width), mode="bilinear", align_corners=False
-            )
+            # SAM's own: upsample to the padded input square (self.image_encoder.img_size, the
+            # only attribute it reads), crop the image's extent, resize to the original size.
+            up = Sam.postprocess_masks(self, chunk, (h, w), (height, width))
             masks.append(up[:, 0] > self.mask_logit_threshold)
         out.pred_masks = (
             torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool)
         )
         return out
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return trainable, frozen

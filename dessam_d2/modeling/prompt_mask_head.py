@@ -5,6 +5,7 @@ output tokens, no gradient) and a student (predicted box prompts, output tokens 
 tokens). Both read their mask from the first mask token (single-mask output).
 """
 
+import contextlib
 import logging
 from typing import Dict, List, Optional
 
@@ -12,12 +13,14 @@ import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
 from detectron2.structures import Instances
+from detectron2.utils.events import get_event_storage
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
+from torch.profiler import record_function
 
 from ..errors import ConfigError
 from .criterion import MASK_LOSSES, DESSAMCriterion
-from .fast_decoder import SharedImageDecoder
+from .fast_decoder import SharedImageDecoder, fast_path_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,7 @@ class SAMPromptMaskHead(nn.Module):
         # ablation without the prompt (Tables 4-5, first row).
         self.tokens_at_inference = True
         self.fast_decoder = fast_decoder
+        self._fast_path_checked: Optional[tuple] = None  # (id of the decoder checked, ok)
         if inference_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"decoder inference dtype {inference_dtype!r}: float32 or bfloat16")
         self.inference_dtype = inference_dtype
@@ -154,45 +158,72 @@ class SAMPromptMaskHead(nn.Module):
             self.mask_decoder.eval()
         return self
 
+    def fast_path_ok(self) -> bool:
+        """Whether the mask decoder has the structure fast_decoder.py relies on; checked once per
+        decoder, with one warning when not (decoding then uses SAM's own MaskDecoder)."""
+        if self._fast_path_checked is None or self._fast_path_checked[0] != id(self.mask_decoder):
+            reason = fast_path_mismatch(self.mask_decoder)
+            if reason:
+                logger.warning(
+                    f"MODEL.DESSAM.FAST_DECODER: the mask decoder differs from what the fast "
+                    f"path was written for ({reason}); decoding with segment-anything's "
+                    f"MaskDecoder instead"
+                )
+            self._fast_path_checked = (id(self.mask_decoder), reason is None)
+        return self._fast_path_checked[1]
+
     def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, student: bool) -> torch.Tensor:
         """Mask logits for N boxes (XYXY, input frame) on one image's embedding (1 x C x h x w).
 
         Returns N x 1 x 4h x 4w. Boxes go through the decoder ``chunk_size`` at a time. With
         ``fast_decoder`` the image-side work all prompts share is done once per call
         (fast_decoder.py; same outputs up to float rounding). In inference, the decoder runs in
-        bfloat16 if ``inference_dtype`` says so (never in training: the teacher's targets and
-        the student's gradients stay float32).
+        bfloat16 if ``inference_dtype`` (MODEL.DESSAM.DECODER_INFERENCE_DTYPE) says so, and in
+        float32 otherwise, also when called under the model's bfloat16 autocast
+        (MODEL.DESSAM.INFERENCE_DTYPE): in bfloat16 it moves mask outlines by a pixel or more
+        (tests/test_bf16.py). Training is left as called: the teacher's targets and the
+        student's gradients are float32. Returns float32 logits.
         """
         if len(boxes) == 0:
             side = 4 * embedding.shape[-1]
             return embedding.new_zeros(0, 1, side, side)
-        bf16 = self.inference_dtype == "bfloat16" and not self.training
-        with torch.autocast(embedding.device.type, torch.bfloat16, enabled=bf16):
-            image_pe = self.prompt_encoder.get_dense_pe()
-            shared = None
-            out = []
-            for chunk in boxes.split(self.chunk_size):
-                sparse, dense = self.prompt_encoder(points=None, boxes=chunk, masks=None)
-                if student:
-                    # Appending T~ after the box tokens equals T (+) T~ in Eq. 3: the two-way
-                    # transformer has no token order (each token is its own positional
-                    # encoding).
-                    tokens = self.learnable_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
-                    sparse = torch.cat([sparse, tokens.to(sparse.dtype)], dim=1)
-                if not self.fast_decoder:
-                    masks, _ = self.mask_decoder(
-                        image_embeddings=embedding,
-                        image_pe=image_pe,
-                        sparse_prompt_embeddings=sparse,
-                        dense_prompt_embeddings=dense,
-                        multimask_output=False,
-                    )
-                    out.append(masks)
-                    continue
-                if shared is None:
-                    # The dense "no mask" embedding is one vector for every box prompt.
-                    shared = SharedImageDecoder(self.mask_decoder, embedding, image_pe, dense[:1])
-                out.append(shared(sparse))
+        device = embedding.device.type
+        if self.training:
+            precision = contextlib.nullcontext()
+        elif self.inference_dtype == "bfloat16":
+            precision = torch.autocast(device, torch.bfloat16)
+        else:
+            precision = torch.autocast(device, enabled=False)
+        with record_function("dessam/mask_decoder"), precision:
+            return self._decode(embedding.float(), boxes.float(), student)
+
+    def _decode(self, embedding: torch.Tensor, boxes: torch.Tensor, student: bool) -> torch.Tensor:
+        image_pe = self.prompt_encoder.get_dense_pe()
+        fast = self.fast_decoder and self.fast_path_ok()
+        shared = None
+        out = []
+        for chunk in boxes.split(self.chunk_size):
+            sparse, dense = self.prompt_encoder(points=None, boxes=chunk, masks=None)
+            if student:
+                # Appending T~ after the box tokens equals T (+) T~ in Eq. 3: the two-way
+                # transformer has no token order (each token is its own positional
+                # encoding).
+                tokens = self.learnable_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
+                sparse = torch.cat([sparse, tokens.to(sparse.dtype)], dim=1)
+            if not fast:
+                masks, _ = self.mask_decoder(
+                    image_embeddings=embedding,
+                    image_pe=image_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                )
+                out.append(masks)
+                continue
+            if shared is None:
+                # The dense "no mask" embedding is one vector for every box prompt.
+                shared = SharedImageDecoder(self.mask_decoder, embedding, image_pe, dense[:1])
+            out.append(shared(sparse))
         return torch.cat(out).float()
 
     def forward(self, features: Dict[str, torch.Tensor], instances: List[Instances]):
@@ -216,6 +247,7 @@ class SAMPromptMaskHead(nn.Module):
         """Teacher (GT box, SAM's tokens, no grad) and student (predicted box, tokens + T~)
         logits for every positive RoI, then the criterion's weighted terms."""
         student_logits, teacher_logits, gt_boxes, image_ids = [], [], [], []
+        prompts = {"teacher": 0, "student": 0}
         for i, (emb, inst) in enumerate(zip(embeddings, instances)):
             inst = self._select(inst)
             if len(inst) == 0:
@@ -223,13 +255,22 @@ class SAMPromptMaskHead(nn.Module):
             gt = inst.gt_boxes.tensor
             # One teacher run per ground-truth nucleus, shared by all its positive RoIs.
             uniq, inverse = torch.unique(gt, dim=0, return_inverse=True)
-            with torch.no_grad():
+            with torch.no_grad(), record_function("dessam/teacher"):
                 teacher = self.decode(emb[None], uniq, student=False)
             pred = inst.proposal_boxes.tensor.detach().clamp(0, self.image_size)
-            student_logits.append(self.decode(emb[None], pred, student=True))
+            with record_function("dessam/student"):
+                student_logits.append(self.decode(emb[None], pred, student=True))
             teacher_logits.append(teacher[inverse])
             gt_boxes.append(gt)
             image_ids.append(torch.full((len(inst),), i, device=gt.device))
+            prompts["teacher"] += len(uniq)
+            prompts["student"] += len(pred)
+        try:  # how many prompts each decoder ran this step (metrics.json, tools/benchmark.py)
+            get_event_storage().put_scalars(
+                **{f"mask_head/{k}_prompts": v for k, v in prompts.items()}, smoothing_hint=False
+            )
+        except AssertionError:  # no EventStorage: called outside a trainer
+            pass
         if not student_logits:
             # No positive RoI in the batch: zero losses that still reach every trainable
             # parameter, so data-parallel training sees the same graph on every rank.
@@ -244,11 +285,4 @@ class SAMPromptMaskHead(nn.Module):
         )
 
 
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts."""
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    return trainable, frozen
-
-
-__all__ = ["SAMPromptMaskHead", "build_sam_prompt_modules", "count_parameters"]
+__all__ = ["SAMPromptMaskHead", "build_sam_prompt_modules"]

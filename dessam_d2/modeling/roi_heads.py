@@ -1,11 +1,14 @@
 """DES-SAM's ROI heads: Detectron2's StandardROIHeads, with the SAM prompting mask head."""
 
-from typing import Dict
+from typing import Dict, List
 
+import torch
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.mask_head import build_mask_head
+from detectron2.structures import Instances
+from torch.profiler import record_function
 
 __all__ = ["DESSAMROIHeads"]
 
@@ -23,6 +26,10 @@ class DESSAMROIHeads(StandardROIHeads):
         ret = super().from_config(cfg, input_shape)
         ret["train_on_pred_boxes"] = True
         return ret
+
+    def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
+        with record_function("dessam/box_head"):  # tools/benchmark.py reads it
+            return super()._forward_box(features, proposals)
 
     @classmethod
     def _init_mask_head(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]):
