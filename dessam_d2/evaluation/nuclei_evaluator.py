@@ -13,6 +13,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvalua
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
+from ..utils.io import atomic_open
 from .metrics import METRIC_NAMES, masks_to_label_map, mean_metrics, nuclei_metrics
 
 __all__ = [
@@ -164,15 +165,11 @@ class NucleiEvaluator(DatasetEvaluator):
         return sorted(unique.values(), key=lambda row: position[row["image_id"]])
 
     def _write_csv(self, rows: List[Dict[str, Any]]) -> None:
-        os.makedirs(self._output_dir, exist_ok=True)
         path = os.path.join(self._output_dir, f"nuclei_metrics_{self._dataset_name}.csv")
-        # Write aside, then rename: a reader never sees a half-written file.
-        tmp_path = f"{path}.tmp"
-        with open(tmp_path, "w", newline="") as f:
+        with atomic_open(path, "w", newline="") as f:  # a reader never sees half a file
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp_path, path)
         self._logger.info(f"Per-image nuclei metrics saved to {path}")
 
 

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -481,19 +480,8 @@ def write_label_tiff(
     shapes = [(-(-size[1] // d), -(-size[0] // d)) for d in downsamples]
     total = sum(-(-h // tile) * -(-w // tile) for h, w in shapes)
     bar = tqdm(total=total, desc=os.path.basename(path), unit="tile", disable=not progress)
-    # tifffile wants a named file: a temporary name in the same folder, renamed when complete
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _write_label_pages(tmp, size, grid, starts, tile_size, load, mpp, tile, downsamples, bar)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path) as f:  # tifffile writes to the open, seekable temporary file
+        _write_label_pages(f, size, grid, starts, tile_size, load, mpp, tile, downsamples, bar)
     bar.close()
 
 

@@ -46,9 +46,11 @@ def atomic_open(path: str, mode: str = "wb", **kwargs) -> Iterator[IO]:
     fd, tmp = tempfile.mkstemp(
         dir=directory, prefix="." + os.path.basename(path) + ".", suffix=TEMP_SUFFIX
     )
+    os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the group
-        with os.fdopen(fd, mode, **kwargs) as f:
+        # opened by name, so that f.name is a path (tifffile, for one, needs it)
+        with open(tmp, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
