@@ -16,13 +16,14 @@ import benchmark_peers as bp  # noqa: E402
 
 def test_arguments():
     args = bp.parse_args([])
-    assert (args.peers_venv, args.threads, args.repeats) == (".venv-peers", 2, 3)
+    assert (args.peers_venv, args.threads, args.repeats, args.warmup) == (".venv-peers", 2, 3, 1)
     assert args.only is None and not args.default_malloc and args.worker is None
     argv = "--peers-venv v --threads 1 --repeats 5 --only cellpose_sam microsam_ais"
     args = bp.parse_args(argv.split() + ["--default-malloc"])
     assert (args.peers_venv, args.threads, args.repeats) == ("v", 1, 5)
     assert args.only == ["cellpose_sam", "microsam_ais"] and args.default_malloc
-    for bad in (["--only", "nnunet"], ["--threads", "0"], ["--worker", "cellpose_sam"]):
+    bad_argvs = (["--only", "nnunet"], ["--threads", "0"], ["--warmup", "-1"])
+    for bad in bad_argvs + (["--worker", "cellpose_sam"],):
         with pytest.raises(SystemExit) as exc:
             bp.parse_args(bad)
         assert exc.value.code == 2

@@ -15,6 +15,9 @@ forward pass does not depend on the weights, that of the post-processing somewha
   ``segmentation_mode="ais"``). Parts: encoder, decoder (UNETR), postprocess (watershed).
 - ``cellpose_sam``: Cellpose 4 (Cellpose-SAM, ViT-L) through ``CellposeModel`` (bfloat16 weights,
   its default) and ``model.eval(image)`` with defaults. Parts: network, masks (flow dynamics).
+  ``cellpose_sam_fp32``: the same with ``use_bfloat16=False``. On a CPU without native bfloat16
+  (no avx512_bf16/AMX) torch's bfloat16 matmul is ~50-200x slower than float32, so
+  ``cellpose_sam`` then takes hours per image and only the float32 figure is usable.
 
 Inputs come from ``synthetic_input`` of tools/benchmark.py (1024^2, seed 0): the image with 100
 nuclei and their 100 boxes, and the image with 500 nuclei and their 500 boxes. The automatic
@@ -39,12 +42,19 @@ import sys
 import tempfile
 import time
 
-PEERS = ["sam_predictor_100", "sam_predictor_500", "microsam_ais", "cellpose_sam"]
+PEERS = [
+    "sam_predictor_100",
+    "sam_predictor_500",
+    "microsam_ais",
+    "cellpose_sam",
+    "cellpose_sam_fp32",
+]
 PARTS = {
     "sam_predictor_100": ["encoder", "decoder"],
     "sam_predictor_500": ["encoder", "decoder"],
     "microsam_ais": ["encoder", "decoder", "postprocess"],
     "cellpose_sam": ["network", "masks"],
+    "cellpose_sam_fp32": ["network", "masks"],
 }
 NUCLEI = (100, 500)
 SAM_BATCH = 100  # boxes per predict_torch call, as segment-anything's README batches them
@@ -64,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--peers-venv", default=".venv-peers", help="venv made by " + SETUP_HINT)
     p.add_argument("--threads", type=int, default=2, help="torch and OpenMP threads per peer")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per peer (after a warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per peer before those")
     p.add_argument("--only", nargs="+", choices=PEERS, metavar="NAME", help="run these peers only")
     p.add_argument(
         "--default-malloc",
@@ -74,8 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--inputs", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.threads < 1 or args.repeats < 1:
-        p.error("--threads and --repeats must be at least 1")
+    if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--threads and --repeats must be at least 1, --warmup at least 0")
     if args.worker and not args.inputs:
         p.error("--worker needs --inputs")
     return args
@@ -178,7 +189,7 @@ def build_microsam_ais(inputs: str):
     return run
 
 
-def build_cellpose_sam(inputs: str):
+def build_cellpose_sam(inputs: str, bfloat16: bool = True):
     import torch
     from cellpose.models import CellposeModel
     from cellpose.vit import CPSAM
@@ -187,8 +198,10 @@ def build_cellpose_sam(inputs: str):
     weights = os.path.join(inputs, "cpsam_random.pth")
     if not os.path.exists(weights):
         CPSAM().save_model(weights)  # random float32 weights, as Cellpose saves its models
-    # its normal loading path: builds CPSAM in bfloat16 (use_bfloat16=True) and loads the file
-    model = CellposeModel(gpu=False, pretrained_model=weights, device=torch.device("cpu"))
+    # its normal loading path: builds CPSAM, cast to bfloat16 unless told not to, loads the file
+    model = CellposeModel(
+        gpu=False, pretrained_model=weights, device=torch.device("cpu"), use_bfloat16=bfloat16
+    )
     parts = {}
 
     def timed(name, fn):
@@ -224,13 +237,17 @@ def worker(args) -> int:
     if name.startswith("sam_predictor_"):
         build = lambda: build_sam_predictor(args.inputs, int(name.rsplit("_", 1)[1]))  # noqa: E731
     else:
-        build = {"microsam_ais": build_microsam_ais, "cellpose_sam": build_cellpose_sam}[name]
-        build = (lambda b: lambda: b(args.inputs))(build)
+        build = {
+            "microsam_ais": lambda: build_microsam_ais(args.inputs),
+            "cellpose_sam": lambda: build_cellpose_sam(args.inputs),
+            "cellpose_sam_fp32": lambda: build_cellpose_sam(args.inputs, bfloat16=False),
+        }[name]
     t = time.perf_counter()
     with torch.no_grad():
         run = build()
         build_s = time.perf_counter() - t
-        run()
+        for _ in range(args.warmup):
+            run()
         times, parts = [], []
         for _ in range(args.repeats):
             t = time.perf_counter()
@@ -293,6 +310,7 @@ def one_line(text: str) -> str:
 def run_peer(name: str, python: str, inputs: str, args, env: dict) -> dict:
     cmd = [python, os.path.abspath(__file__), "--worker", name, "--inputs", inputs]
     cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+    cmd += ["--warmup", str(args.warmup)]
     log = os.path.join(inputs, f"{name}.log")
     with open(log, "w") as err:
         try:
@@ -348,11 +366,12 @@ def report(rows: dict, args, cpu: dict) -> dict:
         summary[f"{name}_parts"] = {k: round(v, 3) for k, v in row["parts"].items()}
     malloc = "glibc default" if args.default_malloc else "DES-SAM's malloc tuning"
     print(
-        f"{args.threads} thread(s), median of {args.repeats} after a warm-up, {malloc}; "
+        f"{args.threads} thread(s), median of {args.repeats} after {args.warmup} warm-up run(s), "
+        f"{malloc}; "
         f"CPU {cpu['model']} (avx512_bf16: {cpu['avx512_bf16']}, amx: {cpu['amx']}); "
         f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    summary.update(threads=args.threads, repeats=args.repeats, cpu=cpu)
+    summary.update(threads=args.threads, repeats=args.repeats, warmup=args.warmup, cpu=cpu)
     summary["malloc_tuned"] = not args.default_malloc
     return summary
 
