@@ -318,7 +318,11 @@ def run_peer(name: str, python: str, inputs: str, args, env: dict) -> dict:
                 cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, timeout=args.timeout
             )
         except subprocess.TimeoutExpired:
-            return {"error": f"no result within --timeout {args.timeout:g} s"}
+            why = f"no result within --timeout {args.timeout:g} s"
+            cpu = cpu_info()
+            if name == "cellpose_sam" and not (cpu["avx512_bf16"] or cpu["amx"]):
+                why += " (bfloat16 weights on a CPU without avx512_bf16/AMX: see cellpose_sam_fp32)"
+            return {"error": why}
     with open(log) as f:
         stderr = f.read()
     if proc.returncode != 0:
