@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -325,6 +326,10 @@ def run_peer(name: str, python: str, inputs: str, args, env: dict) -> dict:
             return {"error": why}
     with open(log) as f:
         stderr = f.read()
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        hint = " (the kernel's OOM killer?)" if sig == "SIGKILL" else ""
+        return {"error": f"killed by {sig}{hint}: {one_line(stderr)}"}
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {one_line(stderr)}"}
     try:
