@@ -293,7 +293,7 @@ def worker_env(threads: int, default_malloc: bool) -> dict:
     for var in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
         env.pop(var, None)
     if not default_malloc:
-        from dessam_d2.cli import GLIBC_MALLOC_ENV
+        from dessam_d2.utils.malloc import GLIBC_MALLOC_ENV
 
         env.update(GLIBC_MALLOC_ENV)
     return env

@@ -18,12 +18,22 @@ import ctypes.util
 import os
 import platform
 
-__all__ = ["MALLOC_TUNING_SWITCH", "M_TRIM_THRESHOLD", "M_MMAP_MAX", "tune_malloc"]
+__all__ = [
+    "MALLOC_TUNING_SWITCH",
+    "M_TRIM_THRESHOLD",
+    "M_MMAP_MAX",
+    "GLIBC_MALLOC_ENV",
+    "tune_malloc",
+]
 
 MALLOC_TUNING_SWITCH = "DESSAM_MALLOC_TUNING"
 # mallopt parameters, from glibc's malloc.h
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+
+# The same tuning for a process that cannot call tune_malloc (another tool's Python, e.g. the
+# peers of tools/benchmark_peers.py): glibc reads these variables when the process starts.
+GLIBC_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 _tuned = False
 
