@@ -16,7 +16,7 @@ lint: setup
 	$(PY) -m flake8 $(SRC)
 
 test: lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal tests $(ARGS)
 
 format: setup
 	$(PY) -m isort --quiet $(SRC)
