@@ -5,32 +5,14 @@ import os
 import subprocess
 import sys
 
-import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog
+from test_data_user_datasets import write_images
 
 from dessam_d2.data.qupath import convert_qupath, features_to_annotations
-from dessam_d2.data.synthetic import render_synthetic_image
 from dessam_d2.data.user_datasets import register_user_datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_images(root, names, size=(128, 128)):
-    """Synthetic cytology images; returns {name: [x, y, w, h] boxes of their nuclei}."""
-    boxes = {}
-    for i, name in enumerate(names):
-        image, masks = render_synthetic_image(np.random.default_rng(i), size, (4, 6))
-        path = os.path.join(root, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        cv2.imwrite(path, image[..., ::-1])
-        boxes[name] = []
-        for m in masks:
-            ys, xs = np.nonzero(m)
-            boxes[name].append(
-                [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
-            )
-    return boxes
 
 
 def qupath_rectangle(x, y, w, h, cls="Nucleus"):
