@@ -65,6 +65,16 @@ def synthetic_input(seed=0, size=(256, 200), boxes=((20, 30, 60, 70), (100, 120,
     return synthetic_model_input(size, boxes=[list(b) for b in boxes], seed=seed)
 
 
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    """A small pyramidal TIFF slide of synthetic cytology (768 x 1024, 0.25 µm/px)."""
+    from dessam_d2.data.synthetic_slide import write_synthetic_slide
+
+    path = str(tmp_path_factory.mktemp("slide") / "cyto.tif")
+    write_synthetic_slide(path, (768, 1024), seed=5, mpp=0.25)
+    return path
+
+
 @pytest.fixture
 def cfg():
     return tiny_cfg()

@@ -10,19 +10,14 @@ import cv2
 import numpy as np
 import pytest
 from conftest import SMALL
-from test_inference_slides import DarkBlobModel
+from test_inference_slides import predictor
 
 from dessam_d2.data.synthetic import render_synthetic_image
 from dessam_d2.data.synthetic_slide import write_synthetic_slide
-from dessam_d2.inference.predictor import Predictor
 from dessam_d2.inference.slides import predict_slide, predict_slide_distributed, slide_output_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLIDE_FILES = ("cyto.geojson", "cyto_nuclei.csv", "cyto_labels.tif")
-
-
-def predictor(**kw):
-    return Predictor(DarkBlobModel(**kw), tile_size=128, tile_overlap=48)
 
 
 def test_shared_tiles_resume_and_assemble_to_the_one_process_files(tmp_path):

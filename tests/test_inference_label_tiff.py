@@ -8,10 +8,9 @@ import openslide
 import pytest
 import tifffile
 from shapely.geometry import shape
-from test_inference_slides import DarkBlobModel
+from test_inference_slides import predictor
 
-from dessam_d2.data.synthetic_slide import write_synthetic_slide
-from dessam_d2.inference.predictor import Predictor, tile_starts
+from dessam_d2.inference.predictor import tile_starts
 from dessam_d2.inference.slides import (
     SlideGrid,
     label_tiff_downsamples,
@@ -19,17 +18,6 @@ from dessam_d2.inference.slides import (
     slide_output_paths,
     write_label_tiff,
 )
-
-
-@pytest.fixture(scope="module")
-def slide(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("slide") / "cyto.tif")
-    write_synthetic_slide(path, (768, 1024), seed=5, mpp=0.25)
-    return path
-
-
-def predictor(**kw):
-    return Predictor(DarkBlobModel(**kw), tile_size=128, tile_overlap=48)
 
 
 def read_levels(path):

@@ -65,13 +65,6 @@ class DarkBlobModel(torch.nn.Module):
         return out
 
 
-@pytest.fixture(scope="module")
-def slide(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("slide") / "cyto.tif")
-    write_synthetic_slide(path, (768, 1024), seed=5, mpp=0.25)
-    return path
-
-
 def predictor(**kw):
     return Predictor(DarkBlobModel(**kw), tile_size=128, tile_overlap=48)
 
