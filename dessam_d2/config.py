@@ -72,9 +72,16 @@ def add_dessam_config(cfg: CN) -> None:
     _C.MODEL.DESSAM.LOSS_DECT_WEIGHT = 1.0
     _C.MODEL.DESSAM.LOSS_DISTILL_WEIGHT = 1.0
     _C.MODEL.DESSAM.LOSS_PAIRWISE_WEIGHT = 1.0
-    # Weights of the BCE and Dice terms inside L_distill (Eq. 2: 1 and 1).
+    # Weights of the BCE and Dice terms inside L_distill (Eq. 2: 1 and 1; the release: 0.5, 0.01).
     _C.MODEL.DESSAM.DISTILL_BCE_WEIGHT = 1.0
     _C.MODEL.DESSAM.DISTILL_DICE_WEIGHT = 1.0
+    # L_distill over the positive RoIs: "mean" (each term averaged, free of the nuclei count) or
+    # "sum" (the release: each RoI's pixel-mean BCE and its Dice loss summed over the RoIs).
+    _C.MODEL.DESSAM.DISTILL_REDUCTION = "mean"
+    # The student's box prompts in training: "predicted" (the box head's refined box of each
+    # positive RoI, the paper's "predicted box") or "proposals" (the release: the positive
+    # proposals themselves, RPN boxes + the added ground truth). Inference: final detections.
+    _C.MODEL.DESSAM.STUDENT_PROMPTS = "predicted"
     # alpha (local pairwise) and beta (global level-set) of Eq. 4.
     _C.MODEL.DESSAM.LOCAL_PAIRWISE_WEIGHT = 1.0
     _C.MODEL.DESSAM.GLOBAL_PAIRWISE_WEIGHT = 0.001

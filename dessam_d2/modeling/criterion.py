@@ -5,11 +5,16 @@ The mask head produces, for the R positive RoIs of a batch, the student's low-re
 ground-truth box). This module turns them into the loss terms:
 
 * L_distill (Eq. 2) on the whole low-res frame: BCE and Dice of the student against the
-  teacher's binarised mask [Y_t > 0], weights lambda_distill x (1, 1);
+  teacher's binarised mask [Y_t > 0], weights lambda_distill x (1, 1), averaged over the RoIs
+  (``distill_reduction`` "mean", the paper's) or summed over them ("sum", the authors' release,
+  with weights 0.5 and 0.01);
 * L_edge (Eq. 4) on a ``crop_size`` x ``crop_size`` RoIAligned crop of the ground-truth box,
   student logits and image alike: alpha x L_lp (BoxSnake's local pairwise term on the crop's LAB
   colours) + beta x L_gp (BoxLevelSet's region energy on the crop's RGB, 0-255 scale), all
-  x lambda_pairwise.
+  x lambda_pairwise. The mask and the image are cropped at the same box and the probability
+  differences of L_lp are taken between the same pixel pairs as its colour weights (the release
+  crops the mask at the proposal and takes the differences at dilation 1 against weights at
+  dilation 2; docs/METHOD.md says why we do not).
 """
 
 from typing import Dict
@@ -19,6 +24,7 @@ from torchvision.ops import roi_align
 
 from ..errors import ConfigError
 from .losses import (
+    DISTILL_REDUCTIONS,
     boxinst_pairwise_loss,
     color_similarity,
     distillation_loss,
@@ -45,6 +51,7 @@ class DESSAMCriterion:
         distill_weight: float = 1.0,
         distill_bce_weight: float = 1.0,
         distill_dice_weight: float = 1.0,
+        distill_reduction: str = "mean",
         pairwise_weight: float = 1.0,
         local_pairwise_weight: float = 1.0,
         global_pairwise_weight: float = 0.001,
@@ -56,9 +63,14 @@ class DESSAMCriterion:
     ):
         if pairwise_loss not in ("boxsnake", "boxinst"):
             raise ConfigError(f"MODEL.DESSAM.PAIRWISE_LOSS={pairwise_loss!r}: boxsnake or boxinst")
+        if distill_reduction not in DISTILL_REDUCTIONS:
+            raise ConfigError(
+                f"MODEL.DESSAM.DISTILL_REDUCTION={distill_reduction!r}: one of {DISTILL_REDUCTIONS}"
+            )
         self.image_size = image_size
         self.w_bce = distill_weight * distill_bce_weight
         self.w_dice = distill_weight * distill_dice_weight
+        self.distill_reduction = distill_reduction
         self.w_local = pairwise_weight * local_pairwise_weight
         self.w_global = pairwise_weight * global_pairwise_weight
         self.pairwise_loss = pairwise_loss
@@ -96,7 +108,7 @@ class DESSAMCriterion:
         image_ids: torch.Tensor,
     ) -> Dict[str, torch.Tensor]:
         """The weighted terms of MASK_LOSSES for R RoIs (student and teacher R x 1 x m x m)."""
-        bce, dice = distillation_loss(student, teacher)
+        bce, dice = distillation_loss(student, teacher, self.distill_reduction)
         losses = {"loss_distill_bce": self.w_bce * bce, "loss_distill_dice": self.w_dice * dice}
         crop_logits, crop_rgb = self.edge_crops(student, images, boxes, image_ids)
         sim = color_similarity(rgb_to_lab(crop_rgb), self.size, self.dilation)

@@ -1,19 +1,24 @@
 """DES-SAM's mask losses: self-distillation (Eq. 2) and the edge-aware loss (Eq. 4).
 
 Every function takes mask *logits* (N x 1 x H x W) and returns a scalar averaged over the N
-instances, so a loss does not grow with the number of nuclei in an image.
+instances, so a loss does not grow with the number of nuclei in an image; L_distill can also be
+summed over them, as the authors' release does (``distillation_loss(..., reduction="sum")``).
 """
 
 import torch
 import torch.nn.functional as F
 
 
-def soft_dice_loss(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - Dice(probs, targets) per instance, averaged. Identical binary masks -> 0."""
+def soft_dice_losses(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - Dice(probs, targets) of each of the N instances: N. Identical binary masks -> 0."""
     p = probs.flatten(1)
     t = targets.flatten(1).to(p.dtype)
-    dice = (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
-    return (1 - dice).mean()
+    return 1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
+
+
+def soft_dice_loss(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - Dice(probs, targets) per instance, averaged."""
+    return soft_dice_losses(probs, targets, eps).mean()
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -21,13 +26,27 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return soft_dice_loss(logits.sigmoid(), targets)
 
 
+DISTILL_REDUCTIONS = ("mean", "sum")
+
+
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "mean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_distill's (BCE, Dice) terms: the student against the teacher's binarised mask [Y_t > 0]."""
+    """L_distill's (BCE, Dice) terms: the student against the teacher's binarised mask [Y_t > 0].
+
+    Each instance's BCE is the mean over its pixels and its Dice loss is 1 - Dice. ``reduction``
+    "mean" averages both over the N instances (the paper's Eq. 2, scale free of N); "sum" adds
+    them up over the instances, as the authors' release does (with weights 0.5 and 0.01).
+    """
+    if reduction not in DISTILL_REDUCTIONS:
+        raise ValueError(f"distillation reduction {reduction!r}: one of {DISTILL_REDUCTIONS}")
     target = (teacher_logits > 0).to(student_logits.dtype)
-    bce = F.binary_cross_entropy_with_logits(student_logits, target)
-    return bce, dice_loss(student_logits, target)
+    if reduction == "mean":
+        bce = F.binary_cross_entropy_with_logits(student_logits, target)
+        return bce, dice_loss(student_logits, target)
+    bce = F.binary_cross_entropy_with_logits(student_logits, target, reduction="none")
+    bce = bce.flatten(1).mean(1)  # N: each instance's mean over its pixels
+    return bce.sum(), soft_dice_losses(student_logits.sigmoid(), target).sum()
 
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:

@@ -54,8 +54,10 @@ class SAMPromptMaskHead(nn.Module):
 
     Inputs of ``forward``: ``features["sam_embed"]`` (B x 256 x h x w SAM embeddings),
     ``features["image"]`` (B x 3 x S x S padded RGB in [0, 255], training only) and per-image
-    ``Instances`` (training: foreground proposals whose ``proposal_boxes`` are the box head's
-    predictions and ``gt_boxes`` their matched ground truth; inference: ``pred_boxes``).
+    ``Instances`` (training: foreground proposals whose ``proposal_boxes`` are the student's
+    prompts, the box head's predictions or the proposals themselves as
+    MODEL.DESSAM.STUDENT_PROMPTS says, and ``gt_boxes`` their matched ground truth; inference:
+    ``pred_boxes``, the final detections).
     Inference adds ``pred_mask_logits`` (R x 1 x 4h x 4w, over the padded S x S input).
     """
 
@@ -128,6 +130,7 @@ class SAMPromptMaskHead(nn.Module):
             distill_weight=d.LOSS_DISTILL_WEIGHT,
             distill_bce_weight=d.DISTILL_BCE_WEIGHT,
             distill_dice_weight=d.DISTILL_DICE_WEIGHT,
+            distill_reduction=d.DISTILL_REDUCTION,
             pairwise_weight=d.LOSS_PAIRWISE_WEIGHT,
             local_pairwise_weight=d.LOCAL_PAIRWISE_WEIGHT,
             global_pairwise_weight=d.GLOBAL_PAIRWISE_WEIGHT,
@@ -244,8 +247,9 @@ class SAMPromptMaskHead(nn.Module):
     def losses(
         self, embeddings: torch.Tensor, images: torch.Tensor, instances: List[Instances]
     ) -> Dict[str, torch.Tensor]:
-        """Teacher (GT box, SAM's tokens, no grad) and student (predicted box, tokens + T~)
-        logits for every positive RoI, then the criterion's weighted terms."""
+        """Teacher (GT box, SAM's tokens, no grad) and student (the RoI's ``proposal_boxes``,
+        tokens + T~) logits for every positive RoI, then the criterion's weighted terms; L_edge
+        is cropped at the matched GT box."""
         student_logits, teacher_logits, gt_boxes, image_ids = [], [], [], []
         prompts = {"teacher": 0, "student": 0}
         for i, (emb, inst) in enumerate(zip(embeddings, instances)):

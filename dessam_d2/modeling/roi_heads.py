@@ -10,21 +10,30 @@ from detectron2.modeling.roi_heads.mask_head import build_mask_head
 from detectron2.structures import Instances
 from torch.profiler import record_function
 
-__all__ = ["DESSAMROIHeads"]
+from ..errors import ConfigError
+
+__all__ = ["DESSAMROIHeads", "STUDENT_PROMPTS"]
+
+STUDENT_PROMPTS = ("predicted", "proposals")
 
 
 @ROI_HEADS_REGISTRY.register()
 class DESSAMROIHeads(StandardROIHeads):
     """StandardROIHeads whose mask head reads the SAM embedding and the image, not pooled features.
 
-    The box branch is Detectron2's own. ``train_on_pred_boxes`` is forced on: the student is
-    prompted with the box head's predictions for the positive RoIs, each matched to its GT box.
+    The box branch is Detectron2's own. In training the student is prompted, for each positive
+    RoI (matched to its GT box), with the box head's prediction (MODEL.DESSAM.STUDENT_PROMPTS
+    "predicted": Detectron2's ``train_on_pred_boxes``) or with the proposal itself ("proposals",
+    the authors' release: RPN boxes and the ground-truth boxes added to them).
     """
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]):
         ret = super().from_config(cfg, input_shape)
-        ret["train_on_pred_boxes"] = True
+        prompts = cfg.MODEL.DESSAM.STUDENT_PROMPTS
+        if prompts not in STUDENT_PROMPTS:
+            raise ConfigError(f"MODEL.DESSAM.STUDENT_PROMPTS={prompts!r}: one of {STUDENT_PROMPTS}")
+        ret["train_on_pred_boxes"] = prompts == "predicted"
         return ret
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
