@@ -23,7 +23,7 @@ from dessam_d2.evaluation import (
     annotations_to_label_map,
     build_nuclei_evaluators,
 )
-from dessam_d2.evaluation.nuclei_evaluator import CSV_FIELDS
+from dessam_d2.evaluation.nuclei_evaluator import CSV_FIELDS, RELEASE_FIELDS
 
 
 def _block(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -176,8 +176,10 @@ def test_nuclei_evaluator_percentages_and_csv(two_image_dataset, tmp_path):
     results = _run(NucleiEvaluator(name, str(out_dir)), outputs)
 
     # b.png is the unbalanced merge of test_metrics: Dice 1, AJI 1/2, AJI+ 0.6, DQ 2/3,
-    # SQ 0.75, PQ 0.5; a.png is perfect. Means over the two images, in percent:
+    # SQ 0.75, PQ 0.5; object Dice: GT side 24/32 * 48/56 + 8/32 * 16/40 = 26/35, prediction
+    # side 48/56 = 6/7, mean 0.8. a.png is perfect. Means over the two images, in percent:
     expected = {"Dice": 100.0, "AJI": 75.0, "AJI+": 80.0, "DQ": 250 / 3, "SQ": 87.5, "PQ": 75.0}
+    expected["objDice"] = 90.0
     assert set(results) == {"nuclei"}
     assert results["nuclei"] == pytest.approx({**expected, "num_images": 2}, abs=1e-9)
 
@@ -195,6 +197,7 @@ def test_nuclei_evaluator_percentages_and_csv(two_image_dataset, tmp_path):
         {"Dice": 100.0, "AJI": 100.0, "AJI+": 100.0, "DQ": 100.0, "SQ": 100.0, "PQ": 100.0},
         {"Dice": 100.0, "AJI": 50.0, "AJI+": 60.0, "DQ": 200 / 3, "SQ": 75.0, "PQ": 50.0},
     ]
+    per_image[1]["objDice"] = 80.0
     for row, want in zip(rows, per_image):
         assert {k: float(row[k]) for k in want} == pytest.approx(want, abs=1e-9)
 
@@ -203,7 +206,7 @@ def test_nuclei_evaluator_without_output_dir_and_empty_prediction(two_image_data
     name, outputs = two_image_dataset
     outputs[2] = _instances([], [], 16, 16)  # nothing found on b.png: all of its metrics are 0
     results = _run(NucleiEvaluator(name, distributed=False), outputs)
-    expected = {name: 50.0 for name in ("Dice", "AJI", "AJI+", "DQ", "SQ", "PQ")}
+    expected = {name: 50.0 for name in ("Dice", "AJI", "AJI+", "DQ", "SQ", "PQ", "objDice")}
     assert results["nuclei"] == pytest.approx({**expected, "num_images": 2})
 
 
@@ -244,6 +247,10 @@ def test_coco_ap_counts_more_than_100_detections(tmp_path, registered):
     assert results["bbox"]["AP"] == pytest.approx(100.0)
     assert results["nuclei"]["PQ"] == pytest.approx(100.0)
     assert results["nuclei"]["num_images"] == 1
+    assert results["nuclei_release"]["num_images"] == 1  # training evaluates both protocols
+    # the release's clean-up keeps a mask's largest piece when all are under 70 px: the 25-px
+    # nuclei stay
+    assert results["nuclei_release"]["PQ"] == pytest.approx(100.0)
 
     # Why the limit is raised: at COCO's default of 100, recall stops at 100 / 169, so only the
     # recall points 0.00 .. 0.59 (60 of 101) reach precision 1.
@@ -279,3 +286,37 @@ def test_trainer_evaluator_counts_up_to_detections_per_image(
     results = evaluator.evaluate()
     assert results["segm"]["AP"] == pytest.approx(100 * recall_points / 101)
     assert results["bbox"]["AP"] == pytest.approx(100 * recall_points / 101)
+
+
+def test_nuclei_evaluator_release_protocol(tmp_path, registered):
+    """Two overlapping predictions: ours gives the overlap to the higher score, the release to the
+    later (lower-scored) mask; a 4-px hole is filled and a far 9-px island dropped; GT relabelled
+    by pieces (the release's skimage.measure.label)."""
+    h, w = 24, 24
+    gt_a, gt_b = _block(h, w, 0, 10, 0, 10), _block(h, w, 10, 20, 0, 10)
+    images = [{"id": 1, "file_name": "c.png", "height": h, "width": w}]
+    annotations = [
+        _annotation(1, 1, gt_a, _compressed_rle(gt_a)),
+        _annotation(2, 1, gt_b, _compressed_rle(gt_b)),
+    ]
+    name = registered(tmp_path, images, annotations)
+    high = _block(h, w, 0, 12, 0, 10)  # reaches 2 rows into gt_b
+    high[4:6, 4:6] = False  # a 4-px hole
+    high[21:24, 21:24] = True  # a 9-px island
+    low = gt_b.copy()
+    evaluator = NucleiEvaluator(name, str(tmp_path / "eval"), release_protocol=True)
+    results = _run(evaluator, {1: _instances([high, low], [0.9, 0.4], h, w)})
+    # As predicted: high keeps its 2 rows of gt_b, its hole and island: high = 100 - 4 + 20 + 9
+    # = 125 px, low = 80 px. Release: high = gt_a exactly, low = gt_b exactly.
+    inter_a, union_a = 96, 100 + 125 - 96
+    assert results["nuclei"]["AJI"] == pytest.approx(100 * (inter_a + 80) / (union_a + 100))
+    assert results["nuclei"]["Dice"] == pytest.approx(100 * 2 * 196 / (200 + 205))
+    assert results["nuclei_release"] == pytest.approx(
+        {k: 100.0 for k in ("Dice", "AJI", "AJI+", "DQ", "SQ", "PQ", "objDice")} | {"num_images": 1}
+    )
+    with open(tmp_path / "eval" / f"nuclei_metrics_{name}.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == CSV_FIELDS + RELEASE_FIELDS
+        row = next(reader)
+    assert float(row["release_PQ"]) == pytest.approx(100.0)
+    assert float(row["PQ"]) < 100.0

@@ -8,6 +8,7 @@ from .metrics import (
     masks_to_label_map,
     mean_metrics,
     nuclei_metrics,
+    object_dice,
     panoptic_quality,
 )
 from .nuclei_evaluator import (
@@ -15,6 +16,13 @@ from .nuclei_evaluator import (
     annotations_to_label_map,
     build_nuclei_evaluators,
     segmentation_to_rle,
+)
+from .release_protocol import (
+    RELEASE_MIN_AREA,
+    clean_mask,
+    keep_largest_piece,
+    relabel_components,
+    release_label_map,
 )
 
 __all__ = [
@@ -28,6 +36,12 @@ __all__ = [
     "masks_to_label_map",
     "mean_metrics",
     "nuclei_metrics",
+    "object_dice",
     "panoptic_quality",
+    "RELEASE_MIN_AREA",
+    "clean_mask",
+    "keep_largest_piece",
+    "relabel_components",
+    "release_label_map",
     "segmentation_to_rle",
 ]

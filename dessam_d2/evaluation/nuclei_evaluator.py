@@ -1,4 +1,5 @@
-"""Detectron2 evaluators for nuclei: Dice, AJI, AJI+, DQ / SQ / PQ per image, plus COCO AP."""
+"""Detectron2 evaluators for nuclei: Dice, AJI, AJI+, DQ / SQ / PQ and object Dice per image
+(optionally also under the authors' release's protocol), plus COCO AP."""
 
 import csv
 import itertools
@@ -14,7 +15,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
 from ..utils.io import atomic_open
-from .metrics import METRIC_NAMES, masks_to_label_map, mean_metrics, nuclei_metrics
+from .metrics import METRIC_NAMES, masks_to_label_map, mean_metrics, nuclei_metrics, object_dice
+from .release_protocol import RELEASE_MIN_AREA, relabel_components, release_label_map
 
 __all__ = [
     "CSV_FIELDS",
@@ -24,7 +26,11 @@ __all__ = [
     "segmentation_to_rle",
 ]
 
-CSV_FIELDS = ("image_id", "file_name", "num_gt", "num_pred") + METRIC_NAMES
+OBJECT_DICE = "objDice"  # object-level Dice (metrics.object_dice); "Dice" is the pixel Dice
+SCORES = METRIC_NAMES + (OBJECT_DICE,)
+CSV_FIELDS = ("image_id", "file_name", "num_gt", "num_pred") + SCORES
+RELEASE_PREFIX = "release_"  # CSV columns of the release's protocol: release_Dice, ...
+RELEASE_FIELDS = tuple(RELEASE_PREFIX + name for name in SCORES)
 
 
 def segmentation_to_rle(segm: Any, height: int, width: int) -> Dict[str, Any]:
@@ -76,18 +82,32 @@ class NucleiEvaluator(DatasetEvaluator):
     at the original image size) and ``scores``; overlaps are resolved by
     :func:`~dessam_d2.evaluation.metrics.masks_to_label_map` (higher score wins).
 
-    ``evaluate()`` returns ``{"nuclei": {"Dice", "AJI", "AJI+", "DQ", "SQ", "PQ": mean over images
-    in percent, "num_images": n}}`` and, with an ``output_dir``, writes one row per image (same
-    percent units; ``num_gt`` = non-crowd annotations, ``num_pred`` = predicted instances) to
-    ``<output_dir>/nuclei_metrics_<dataset_name>.csv``.
+    ``evaluate()`` returns ``{"nuclei": {"Dice", "AJI", "AJI+", "DQ", "SQ", "PQ", "objDice": mean
+    over images in percent, "num_images": n}}`` and, with an ``output_dir``, writes one row per
+    image (same percent units; ``num_gt`` = non-crowd annotations, ``num_pred`` = predicted
+    instances) to ``<output_dir>/nuclei_metrics_<dataset_name>.csv``. "Dice" is the pixel Dice of
+    the foregrounds (HoVer-Net's Dice1), "objDice" the object-level Dice.
+
+    ``release_protocol=True`` also scores every image as the authors' release does
+    (:mod:`~dessam_d2.evaluation.release_protocol`: holes and islands under ``min_area`` px
+    removed, later masks overwrite earlier ones, connected components relabelled, GT too): the
+    same metrics under ``"nuclei_release"`` and in the CSV's ``release_*`` columns.
     """
 
     def __init__(
-        self, dataset_name: str, output_dir: Optional[str] = None, *, distributed: bool = True
+        self,
+        dataset_name: str,
+        output_dir: Optional[str] = None,
+        *,
+        distributed: bool = True,
+        release_protocol: bool = False,
+        min_area: int = RELEASE_MIN_AREA,
     ):
         self._dataset_name = dataset_name
         self._output_dir = output_dir
         self._distributed = distributed
+        self._release = release_protocol
+        self._min_area = min_area
         self._logger = logging.getLogger(__name__)
         self._records: Optional[Dict[Any, Dict[str, Any]]] = None  # image_id -> dict, on demand
         self._rows: List[Dict[str, Any]] = []
@@ -132,7 +152,11 @@ class NucleiEvaluator(DatasetEvaluator):
             "num_gt": sum(1 for a in annotations if not a.get("iscrowd", 0)),
             "num_pred": len(instances),
         }
-        row.update({k: 100.0 * v for k, v in nuclei_metrics(gt, pred).items()})
+        row.update(_percent(gt, pred))
+        if self._release:
+            released = release_label_map(masks, instances.scores.numpy(), self._min_area)
+            scores = _percent(relabel_components(gt), released)
+            row.update({RELEASE_PREFIX + k: v for k, v in scores.items()})
         return row
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
@@ -149,12 +173,20 @@ class NucleiEvaluator(DatasetEvaluator):
         rows = self._in_dataset_order(rows)
         if self._output_dir:
             self._write_csv(rows)
-        summary: Dict[str, float] = mean_metrics(rows)
-        summary["num_images"] = len(rows)
-        self._logger.info(
-            f"Nuclei metrics (%) on {self._dataset_name}:\n" + create_small_table(summary)
-        )
-        return {"nuclei": summary}
+        results = {"nuclei": {**mean_metrics(rows, SCORES), "num_images": len(rows)}}
+        if self._release:
+            means = mean_metrics(rows, RELEASE_FIELDS)
+            results["nuclei_release"] = {
+                **{k[len(RELEASE_PREFIX) :]: v for k, v in means.items()},
+                "num_images": len(rows),
+            }
+        for task, what in (("nuclei", "as predicted"), ("nuclei_release", "release protocol")):
+            if task in results:
+                self._logger.info(
+                    f"Nuclei metrics (%) on {self._dataset_name}, {what}:\n"
+                    + create_small_table(results[task])
+                )
+        return results
 
     def _in_dataset_order(self, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Rows in dataset order, one per image, whatever the number of processes."""
@@ -167,16 +199,26 @@ class NucleiEvaluator(DatasetEvaluator):
     def _write_csv(self, rows: List[Dict[str, Any]]) -> None:
         path = os.path.join(self._output_dir, f"nuclei_metrics_{self._dataset_name}.csv")
         with atomic_open(path, "w", newline="") as f:  # a reader never sees half a file
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            fields = CSV_FIELDS + (RELEASE_FIELDS if self._release else ())
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
         self._logger.info(f"Per-image nuclei metrics saved to {path}")
 
 
+def _percent(gt: np.ndarray, pred: np.ndarray) -> Dict[str, float]:
+    scores = {**nuclei_metrics(gt, pred), OBJECT_DICE: object_dice(gt, pred)}
+    return {k: 100.0 * v for k, v in scores.items()}
+
+
 def build_nuclei_evaluators(
-    dataset_name: str, output_dir: Optional[str], max_dets_per_image: int = 1000
+    dataset_name: str,
+    output_dir: Optional[str],
+    max_dets_per_image: int = 1000,
+    release_protocol: bool = True,
 ) -> DatasetEvaluators:
-    """COCO box / mask AP plus :class:`NucleiEvaluator`, for ``Trainer.build_evaluator``.
+    """COCO box / mask AP plus :class:`NucleiEvaluator`, for ``Trainer.build_evaluator``; by
+    default the nuclei metrics both as predicted and under the release's protocol.
 
     COCO's default of 100 detections per image would cap recall on dense nuclei images;
     Detectron2 turns ``max_dets_per_image`` into ``maxDets = [1, 10, max_dets_per_image]`` and
@@ -190,4 +232,7 @@ def build_nuclei_evaluators(
         use_fast_impl=False,
         max_dets_per_image=max_dets_per_image,
     )
-    return DatasetEvaluators([coco, NucleiEvaluator(dataset_name, output_dir, distributed=True)])
+    nuclei = NucleiEvaluator(
+        dataset_name, output_dir, distributed=True, release_protocol=release_protocol
+    )
+    return DatasetEvaluators([coco, nuclei])
