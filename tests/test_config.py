@@ -29,6 +29,23 @@ def test_paper_defaults():
     assert (d.PAIRWISE_LOSS, d.TOKEN_INIT_STD, d.MASK_LOGIT_THRESHOLD) == ("boxsnake", 1.0, 0.5)
     assert cfg.MODEL.SAM.FREEZE_ENCODER and cfg.MODEL.SAM.FREEZE_DECODER
     assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.55 and cfg.TEST.DETECTIONS_PER_IMAGE == 120
+    # The defaults keep the paper's averaged L_distill and predicted-box prompts (the demo's).
+    assert (d.DISTILL_REDUCTION, d.DISTILL_BCE_WEIGHT, d.DISTILL_DICE_WEIGHT) == ("mean", 1.0, 1.0)
+    assert d.STUDENT_PROMPTS == "predicted" and d.INFERENCE_DTYPE == "auto"
+
+
+@pytest.mark.parametrize("path", ["configs/dessam_clusterseg.yaml", "configs/dessam_patchseg.yaml"])
+def test_paper_configs_train_and_infer_as_the_release(path):
+    """L_distill summed with BCE x 0.5 and Dice x 0.01, the student prompted with the proposals,
+    the box head without normalisation and with softmax CE, float32 inference throughout."""
+    cfg = load_config(path)
+    d = cfg.MODEL.DESSAM
+    assert (d.DISTILL_REDUCTION, d.DISTILL_BCE_WEIGHT, d.DISTILL_DICE_WEIGHT) == ("sum", 0.5, 0.01)
+    assert d.STUDENT_PROMPTS == "proposals"
+    assert (d.INFERENCE_DTYPE, d.DECODER_INFERENCE_DTYPE) == ("float32", "float32")
+    assert cfg.MODEL.ROI_BOX_HEAD.NORM == "" and not cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE
+    # <= 128 positive proposals per image, as the release's sampler (512 x 0.25).
+    assert cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE * cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION == 128
 
 
 def test_paper_configs_are_the_paper_model():

@@ -227,3 +227,22 @@ def test_every_weighted_mask_term_at_the_paper_scale():
             losses = DESSAMCriterion(image_size=1024, **weights)(*paper_scene())
         values = tuple(losses[k].item() for k in MASK_LOSSES)
         assert values == pytest.approx(expected[form], rel=0.02), form
+
+
+def test_local_pairwise_differences_pair_the_pixels_its_colour_weights_pair():
+    """|p_i - p_j| is taken at the colour weights' dilation (2), on the crop the weights come
+    from: on a uniform image, columns alternating between certain nucleus and certain background
+    differ only at distance 1, so L_lp is 0 (the release's differences at dilation 1 against
+    weights at dilation 2 would give ~0.74); columns alternating in pairs differ at distance 2."""
+    crit = DESSAMCriterion(image_size=32, crop_size=32, pairwise_weight=1.0)
+    rgb = torch.full((1, 3, 32, 32), 128.0)
+    args = (rgb, torch.tensor([[0.0, 0.0, 32.0, 32.0]]), torch.tensor([0]))
+    column = torch.arange(32)
+    for period, expected in ((2, 0.0), (4, None)):
+        stripes = ((column // (period // 2)) % 2 * 2 - 1).float().expand(32, 32) * 20
+        logits = stripes[None, None]
+        local = crit(logits, logits, *args)["loss_local_pairwise"].item()
+        if expected is None:  # by hand: 6 of the 8 neighbours of each pixel differ
+            expected = ref_local_pairwise(stripes[None].numpy(), rgb.permute(0, 2, 3, 1).numpy())
+            assert expected > 0.7
+        assert local == pytest.approx(expected, abs=1e-6), period

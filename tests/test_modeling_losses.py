@@ -106,6 +106,24 @@ def test_distillation_target_is_the_binarised_teacher_not_its_probability():
     assert dice.item() == pytest.approx(ref_dice(s, (t > 0).astype(float)), rel=1e-6)
 
 
+def test_distillation_sum_form_adds_each_instances_pixel_mean_bce_and_dice():
+    """The release's reduction: per instance the BCE averaged over its pixels and 1 - Dice, then
+    summed over the instances (numpy references on each instance alone)."""
+    rng = np.random.default_rng(3)
+    student = rng.normal(0, 4, (5, 1, 12, 12))
+    teacher = rng.normal(0, 4, (5, 1, 12, 12))
+    target = (teacher > 0).astype(float)
+    bce, dice = distillation_loss(torch.tensor(student), torch.tensor(teacher), "sum")
+    assert bce.item() == pytest.approx(sum(ref_bce(s, t) for s, t in zip(student, target)))
+    assert dice.item() == pytest.approx(
+        sum(ref_dice(s[None], t[None]) for s, t in zip(student, target))
+    )
+    mean = distillation_loss(torch.tensor(student), torch.tensor(teacher))
+    assert [m.item() for m in mean] == pytest.approx([bce.item() / 5, dice.item() / 5])
+    with pytest.raises(ValueError, match="reduction 'max'"):
+        distillation_loss(torch.tensor(student), torch.tensor(teacher), "max")
+
+
 def test_rgb_to_lab_known_colours_and_opencv():
     rgb = torch.tensor([[255.0, 0, 255], [255.0, 0, 0], [255.0, 0, 0]]).view(1, 3, 1, 3)
     lab = rgb_to_lab(rgb)[0, :, 0].T  # white, black, red
