@@ -7,7 +7,7 @@ from shapely.geometry import shape
 
 from dessam_d2.data.synthetic import render_synthetic_image
 from dessam_d2.evaluation.metrics import masks_to_label_map
-from dessam_d2.inference.outlines import mask_polygons, ring_area
+from dessam_d2.inference.outlines import mask_polygons, one_piece_per_nucleus, ring_area
 from dessam_d2.inference.predictor import label_polygons, to_geojson
 
 
@@ -81,3 +81,43 @@ def test_geojson_polygon_areas_equal_the_label_image_areas():
     )
     assert cv2.contourArea(max(contours, key=len)) < 0.95 * (labels == largest).sum()
     assert sum(len(p) for p in label_polygons(labels).values()) >= len(ids)
+
+
+def test_one_piece_per_nucleus_by_hand():
+    h, w = 40, 40
+    a = np.zeros((h, w), dtype=bool)  # score 0.9: a 120-px block, a 4-px hole, a 9-px island and
+    a[2:12, 2:14] = True  # an 80-px fragment 16 px away
+    a[5:7, 5:7] = False
+    a[30:33, 35:38] = True
+    a[28:36, 2:12] = True
+    b = np.zeros((h, w), dtype=bool)  # score 0.5: cut in two by c, loses its overlap with a
+    b[8:22, 10:30] = True
+    c = np.zeros((h, w), dtype=bool)  # score 0.7: a bar through b
+    c[8:22, 18:21] = True
+    out = one_piece_per_nucleus(np.stack([a, b, c]), np.array([0.9, 0.5, 0.7]))
+
+    want_a = np.zeros((h, w), dtype=bool)
+    want_a[2:12, 2:14] = True  # hole filled, island and the smaller fragment gone
+    want_c = c.copy()  # nothing better overlaps it
+    want_b = np.zeros((h, w), dtype=bool)
+    want_b[8:22, 21:30] = True  # 126 px right of the bar, against 96 left (16 went to a)
+    np.testing.assert_array_equal(out[0], want_a)
+    np.testing.assert_array_equal(out[2], want_c)
+    np.testing.assert_array_equal(out[1], want_b)
+    # disjoint, so the label image keeps them whole: one Polygon each
+    labels = masks_to_label_map(out, np.array([0.9, 0.5, 0.7]))
+    assert all(len(p) == 1 for p in label_polygons(labels).values())
+    assert len(label_polygons(masks_to_label_map(np.stack([a, b, c]), np.zeros(3) + 1))[1]) == 3
+
+
+def test_one_piece_per_nucleus_without_clean_up_and_hidden_nuclei():
+    a = np.zeros((10, 10), dtype=bool)
+    a[0:2, 0:2] = a[5:9, 5:9] = True  # 4 + 16 px: with min_area 0 only the larger piece stays
+    hidden = np.zeros_like(a)
+    hidden[6:8, 6:8] = True
+    rest = a.copy()  # takes the 4-px piece that ``a`` dropped
+    out = one_piece_per_nucleus(np.stack([a, hidden, rest]), np.array([0.8, 0.3, 0.2]), min_area=0)
+    assert out[0].sum() == 16 and out[0][5:9, 5:9].all()
+    assert not out[1].any()  # all of it belongs to a better nucleus
+    assert out[2].sum() == 4 and out[2][0:2, 0:2].all()
+    assert one_piece_per_nucleus(np.zeros((0, 4, 4), bool), np.zeros(0)).shape == (0, 4, 4)

@@ -221,3 +221,41 @@ def test_coco_results_are_the_visible_masks_with_their_scores_and_boxes(tmp_path
         assert len(ids) == 1 and np.array_equal(labels == ids[0], decoded)
         seen.add((name, r["score"]))
     assert len(seen) == 4
+
+
+class OneMaskModel(ThresholdModel):
+    """Every dark pixel in one instance: a nucleus in five far-apart pieces, as SAM's masks of a
+    box can spill into the neighbours."""
+
+    def forward(self, batched_inputs):
+        out = super().forward(batched_inputs)
+        for o in out:
+            inst = o["instances"]
+            merged = Instances(inst.image_size)
+            merged.pred_masks = inst.pred_masks.any(dim=0, keepdim=True)
+            merged.pred_boxes = Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0]]))
+            merged.scores = torch.tensor([0.9])
+            merged.pred_classes = torch.zeros(1, dtype=torch.int64)
+            o["instances"] = merged
+        return out
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_clean_masks_give_one_polygon_per_nucleus(tmp_path, clean):
+    img, truth = disc_image()
+    path = str(tmp_path / "img.png")
+    cv2.imwrite(path, img)
+    predictor = Predictor(OneMaskModel(image_size=256), clean_masks=clean)
+    predict_images(predictor, [path], str(tmp_path / "out"), progress=False)
+    paths = output_paths(str(tmp_path / "out"), path)
+    with open(paths["geojson"]) as f:
+        (feature,) = json.load(f)["features"]
+    labels = cv2.imread(paths["labels"], cv2.IMREAD_UNCHANGED)
+    pieces, n = ndimage.label(labels == 1)
+    hit = truth[labels == 1]  # the discs under the nucleus (the model sees a resized image)
+    if clean:  # the largest disc alone, the others gone
+        assert feature["geometry"]["type"] == "Polygon"
+        assert n == 1 and np.unique(hit[hit > 0]).size == 1
+    else:
+        assert feature["geometry"]["type"] == "MultiPolygon"
+        assert n == len(feature["geometry"]["coordinates"]) == 5

@@ -55,6 +55,21 @@ def parse_args(argv=None):
         help="overlap of tiles, larger than the largest nucleus (default: 128, at most tile/4)",
     )
     p.add_argument("--overwrite", action="store_true", help="redo images already predicted")
+    p.add_argument(
+        "--clean-masks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one outline per nucleus (default): fill holes and drop islands under --min-area "
+        "px (the authors' release's clean-up), give overlaps to the higher score, keep each "
+        "nucleus' largest piece; --no-clean-masks keeps the masks as the model predicts them",
+    )
+    p.add_argument(
+        "--min-area",
+        type=int,
+        default=70,
+        help="holes and islands under this many pixels go with --clean-masks (default: 70, "
+        "the release's)",
+    )
     add_slide_arguments(p)  # whole-slide images: dessam_d2/inference/slides.py
     add_launch_arguments(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
@@ -113,7 +128,14 @@ def main(args) -> int:
     if not weights:  # random weights: the same model in every process and every run
         torch.manual_seed(max(cfg.SEED, 0))
     model = load_model_for_inference(cfg, weights)
-    predictor = Predictor(model, args.tile_size, args.tile_overlap, cfg.INPUT.FORMAT)
+    predictor = Predictor(
+        model,
+        args.tile_size,
+        args.tile_overlap,
+        cfg.INPUT.FORMAT,
+        clean_masks=args.clean_masks,
+        min_area=args.min_area,
+    )
     if comm.get_world_size() > 1:
         return run_distributed(predictor, slides, images, args)
     if slides:

@@ -20,6 +20,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from ..evaluation.release_protocol import RELEASE_MIN_AREA, clean_mask, keep_largest_piece
+
 # Walking directions, clockwise on the screen: right, down, left, up. Turning left is d + 3.
 _STEPS = ((1, 0), (0, 1), (-1, 0), (0, -1))
 
@@ -113,3 +115,28 @@ def nucleus_feature(polygons: List[Polygon], name: str, measurements: Dict) -> D
             "measurements": measurements,
         },
     }
+
+
+def one_piece_per_nucleus(
+    masks: np.ndarray, scores: np.ndarray, min_area: int = RELEASE_MIN_AREA
+) -> np.ndarray:
+    """Masks with one outline each: N x H x W bool -> N x H x W bool, disjoint.
+
+    Best score first, each mask gets the release's clean-up (holes and islands under
+    ``min_area`` px; ``evaluation.release_protocol.clean_mask``), loses the pixels of better
+    nuclei (the label image's rule: the higher score owns a pixel) and keeps its largest
+    4-connected piece, so its outline is one polygon. A mask left empty stays empty (the nucleus
+    gets no pixel, as one hidden by better ones in the label image)."""
+    masks = np.asarray(masks, dtype=bool)
+    out = np.zeros_like(masks)
+    taken = np.zeros(masks.shape[1:], dtype=bool)
+    for i in np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable"):
+        mask = clean_mask(masks[i], min_area) if min_area > 0 else masks[i]
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if not rows.size:
+            continue
+        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+        piece = keep_largest_piece(mask[box] & ~taken[box])
+        out[i][box] = piece
+        taken[box] |= piece
+    return out

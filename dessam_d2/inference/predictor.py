@@ -37,8 +37,9 @@ from ..data.image_io import read_image_rgb
 from ..data.mapper import sam_model_input
 from ..errors import ConfigError, ImageReadError, InputNotFoundError, UsageError
 from ..evaluation.metrics import masks_to_label_map
+from ..evaluation.release_protocol import RELEASE_MIN_AREA
 from ..utils.io import atomic_write_bytes, atomic_write_json
-from .outlines import Polygon, mask_polygons, nucleus_feature
+from .outlines import Polygon, mask_polygons, nucleus_feature, one_piece_per_nucleus
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,13 @@ def tile_core(starts: List[int], index: int, tile: int, length: int) -> Tuple[in
 
 
 class Predictor:
-    """A DES-SAM model that segments whole images of any size (tiled when larger than a tile)."""
+    """A DES-SAM model that segments whole images of any size (tiled when larger than a tile).
+
+    ``clean_masks``: each tile's masks go through
+    :func:`~dessam_d2.inference.outlines.one_piece_per_nucleus` (holes and islands under
+    ``min_area`` px removed, overlaps to the higher score, the largest piece kept): one outline
+    per nucleus. Off by default here (the model's masks as predicted); ``tools/predict.py`` turns
+    it on."""
 
     def __init__(
         self,
@@ -102,8 +109,12 @@ class Predictor:
         tile_size: int = 0,
         tile_overlap: Optional[int] = None,
         image_format: str = "RGB",
+        clean_masks: bool = False,
+        min_area: int = RELEASE_MIN_AREA,
     ):
         self.model = model.eval()
+        self.clean_masks = clean_masks
+        self.min_area = min_area
         self.image_size = model.image_size
         self.image_format = image_format  # cfg.INPUT.FORMAT: what the model was trained on
         self.tile_size = tile_size or self.image_size
@@ -127,18 +138,26 @@ class Predictor:
         t = self.tile_size
         ys, xs = tile_starts(h, t, self.tile_overlap), tile_starts(w, t, self.tile_overlap)
         if len(ys) == len(xs) == 1:
-            return self.model([self.model_input(image)[0]])[0]["instances"].to("cpu")
+            return self._predict_tile(image)
         parts = []
         for iy, y in enumerate(ys):
             for ix, x in enumerate(xs):
-                tile = image[y : y + t, x : x + t]
-                inst = self.model([self.model_input(tile)[0]])[0]["instances"].to("cpu")
+                inst = self._predict_tile(image[y : y + t, x : x + t])
                 boxes = inst.pred_boxes.tensor
                 cy, cx = (boxes[:, 1] + boxes[:, 3]) / 2 + y, (boxes[:, 0] + boxes[:, 2]) / 2 + x
                 (y0, y1), (x0, x1) = tile_core(ys, iy, t, h), tile_core(xs, ix, t, w)
                 keep = (cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)
                 parts.append((inst[keep], y, x))
         return self._merge(parts, (h, w))
+
+    def _predict_tile(self, tile: np.ndarray) -> Instances:
+        inst = self.model([self.model_input(tile)[0]])[0]["instances"].to("cpu")
+        if self.clean_masks and len(inst):
+            masks = one_piece_per_nucleus(
+                inst.pred_masks.numpy(), inst.scores.numpy(), self.min_area
+            )
+            inst.pred_masks = torch.from_numpy(masks)
+        return inst
 
     @staticmethod
     def _merge(parts, size) -> Instances:
