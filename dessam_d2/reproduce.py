@@ -15,7 +15,13 @@
      ``cnseg_domainseg_targetb60_test`` (the release's test; it does not say which 60).
 
 3. Writes ``tables.md`` and ``table1.csv`` / ``table2.csv``: Dice / AJI / PQ as mean ± standard
-   deviation over the seeds, next to the paper's numbers.
+   deviation over the seeds, next to the paper's numbers, each as we score it and under the
+   authors' release's protocol (:mod:`dessam_d2.reproduce_tables`).
+
+Inference runs in float32 (``MODEL.DESSAM.INFERENCE_DTYPE float32``, as the release does), also
+on a GPU where ``auto`` would pick bfloat16. ``--bf16`` evaluates every finished run a second
+time with bfloat16 inference (into ``<run>/bfloat16``, results in ``results_bfloat16.json``) and
+the tables show those rows next to float32's.
 
 Resuming: a run whose ``results.json`` exists is done and not run again; any other run is started
 with ``--resume``, so an interrupted run continues from its last checkpoint, and a run whose
@@ -26,21 +32,30 @@ the means of the per-image metrics that ``tools/train_net.py``'s final evaluatio
 
 import argparse
 import csv
-import io
 import json
 import logging
-import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import yaml
 
 from .errors import InputNotFoundError, RunFailedError
+from .reproduce_tables import (
+    BF16_RESULTS_FILE,
+    METRICS,
+    RESULTS_FILE,
+    SETTINGS,
+    SPLITS,
+    TABLE_FILES,
+    TARGETB,
+    TARGETB60,
+    build_tables,
+    run_dir,
+    write_tables,
+)
 from .utils.io import atomic_open
 
 # The data, config and metric modules load Detectron2 and torch: they are imported where used,
@@ -52,39 +67,8 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO_ROOT, "tools", "train_net.py")
-METRICS = ("Dice", "AJI", "PQ")
-RESULTS_FILE = "results.json"
-TARGETB60 = "cnseg_domainseg_targetb60_test"
-TARGETB = "cnseg_domainseg_targetb_test"
-
-
-@dataclass(frozen=True)
-class Split:
-    """One column group of the paper's tables."""
-
-    label: str
-    table: int
-    datasets: Tuple[str, ...]  # registered names that count as this split
-    paper: Tuple[float, float, float]  # DES-SAM's Dice / AJI / PQ in the paper (%)
-
-
-SPLITS = (
-    Split("PatchSeg", 1, ("cnseg_patchseg_test",), (83.37, 69.99, 69.85)),
-    Split("ClusterSeg", 1, ("cnseg_clusterseg_test",), (83.58, 70.02, 70.16)),
-    Split("TargetA", 2, ("cnseg_domainseg_targeta_test",), (76.15, 59.07, 60.45)),
-    Split("TargetB", 2, (TARGETB60, TARGETB), (76.58, 59.23, 63.63)),  # the subset if tested
-    Split("2014ISBI", 2, ("isbi2014_test",), (83.98, 71.37, 80.81)),
-)
-TABLE_TITLES = {
-    1: "Table 1: trained and tested on the same CNSeg subset",
-    2: "Table 2: generalisation of the ClusterSeg-trained model",
-}
-
-# setting -> config file (relative to the repository)
-SETTINGS = {
-    "patchseg": "configs/dessam_patchseg.yaml",
-    "clusterseg": "configs/dessam_clusterseg.yaml",
-}
+BF16_DIR = "bfloat16"  # a run's bfloat16 evaluation (--bf16), inside its folder
+SCORED = METRICS + ("AJI+", "objDice")  # what results.json keeps per test set and protocol
 
 # what the runs read, relative to the data root (BUILTIN_DATASETS), and who converts it
 CNSEG_SETS = (
@@ -124,6 +108,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=None,
         help="file of the image names of the release's 60-image TargetB test, one a line "
         "(copied to <data root>/cnseg/domainseg/targetb60.txt)",
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also evaluate every run with bfloat16 inference (MODEL.DESSAM.INFERENCE_DTYPE "
+        "bfloat16: a GPU or a CPU with native bfloat16) and show it next to float32",
     )
     parser.add_argument("--isbi-images-var", action="append", default=[], help="see convert_isbi")
     parser.add_argument("--isbi-nuclei-var", action="append", default=[], help="see convert_isbi")
@@ -229,15 +219,16 @@ def _same_file_content(a: str, b: str) -> bool:
 # ---------------------------------------------------------------- runs
 
 
-def run_dir(output: str, setting: str, seed: int) -> str:
-    return os.path.join(output, setting, f"seed{seed}")
-
-
-def train_command(args: argparse.Namespace, setting: str, seed: int, root: str) -> List[str]:
+def train_command(
+    args: argparse.Namespace, setting: str, seed: int, root: str, bf16_eval: bool = False
+) -> List[str]:
+    """The ``tools/train_net.py`` command of one run: training (resumed), or with ``bf16_eval``
+    the bfloat16 evaluation of its final model into ``<run>/bfloat16``."""
     from .data.datasets import SUBSET_DATASETS
 
     cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(REPO_ROOT, SETTINGS[setting])]
-    cmd.append("--resume")  # continues an interrupted run; starts afresh when nothing is saved
+    # --resume continues an interrupted run; starts afresh when nothing is saved
+    cmd.append("--eval-only" if bf16_eval else "--resume")
     for flag, value in (
         ("--num-gpus", args.num_gpus),
         ("--num-machines", args.num_machines),
@@ -246,13 +237,25 @@ def train_command(args: argparse.Namespace, setting: str, seed: int, root: str) 
     ):
         if value is not None:
             cmd += [flag, str(value)]
-    cmd += ["SEED", str(seed), "OUTPUT_DIR", run_dir(args.output, setting, seed)]
+    directory = run_dir(args.output, setting, seed)
+    cmd += [
+        "SEED",
+        str(seed),
+        "OUTPUT_DIR",
+        os.path.join(directory, BF16_DIR) if bf16_eval else directory,
+    ]
     cmd += ["MODEL.SAM.CHECKPOINT", os.path.abspath(args.sam_checkpoint)]
+    # float32 unless asked: "auto" would pick bfloat16 on a GPU; the user's overrides may change it
+    cmd += ["MODEL.DESSAM.INFERENCE_DTYPE", "float32"]
     if setting == "clusterseg" and os.path.isfile(
         os.path.join(root, SUBSET_DATASETS[TARGETB60][1])
     ):
         cmd += ["DATASETS.TEST", repr(tuple(_clusterseg_tests(targetb=TARGETB60)))]
-    return cmd + list(args.opts)
+    cmd += list(args.opts)
+    if bf16_eval:
+        weights = os.path.join(directory, "model_final.pth")
+        cmd += ["MODEL.WEIGHTS", weights, "MODEL.DESSAM.INFERENCE_DTYPE", "bfloat16"]
+    return cmd
 
 
 def _clusterseg_tests(targetb: str) -> List[str]:
@@ -264,8 +267,9 @@ def _clusterseg_tests(targetb: str) -> List[str]:
 
 
 def collect_results(directory: str) -> Dict:
-    """Mean Dice / AJI / AJI+ / DQ / SQ / PQ per test set of a finished run, from the per-image
-    CSVs of its final evaluation, with the test sets and thresholds of its config.yaml."""
+    """Mean Dice / AJI / PQ / AJI+ / objDice per test set of a finished run, from the per-image
+    CSVs of its final evaluation, with the test sets and thresholds of its config.yaml; under
+    ``"release"`` the same under the release's protocol (the CSVs' ``release_*`` columns)."""
     from .evaluation.metrics import mean_metrics
 
     with open(os.path.join(directory, "config.yaml")) as f:
@@ -283,11 +287,11 @@ def collect_results(directory: str) -> Dict:
             )
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        per_image = [
-            {k: float(v) for k, v in row.items() if k in METRICS + ("AJI+",)} for row in rows
-        ]
-        means = mean_metrics(per_image, names=METRICS + ("AJI+",))
+        means = mean_metrics([{k: float(row[k]) for k in SCORED} for row in rows], SCORED)
         results[name] = {**means, "images": len(rows), "score_thresh": float(threshold)}
+        if rows and "release_Dice" in rows[0]:
+            per_image = [{k: float(row["release_" + k]) for k in SCORED} for row in rows]
+            results[name]["release"] = mean_metrics(per_image, SCORED)
     return {"seed": cfg.get("SEED"), "test_sets": results}
 
 
@@ -317,127 +321,34 @@ def run_all(args: argparse.Namespace, root: str, main_machine: bool) -> None:
                 with atomic_open(done) as f:
                     f.write(json.dumps(results, indent=1).encode())
                 write_tables(args.output, args.seeds)
+    if args.bf16:
+        run_bf16(args, root, main_machine, env)
 
 
-# ---------------------------------------------------------------- tables
-
-
-def _load_results(output: str, seeds: Sequence[int]) -> List[Dict]:
-    found = []
+def run_bf16(args: argparse.Namespace, root: str, main_machine: bool, env: Dict) -> None:
+    """Evaluate every trained run again with bfloat16 inference (``--bf16``)."""
     for setting in SETTINGS:
-        for seed in seeds:
-            path = os.path.join(run_dir(output, setting, seed), RESULTS_FILE)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    found.append(json.load(f))
-    return found
-
-
-def _split_values(results: List[Dict], split: Split) -> Tuple[Dict[str, List[float]], Dict]:
-    """Per metric the value of each run (seed order) on this split; and what was tested."""
-    values: Dict[str, List[float]] = {m: [] for m in METRICS}
-    seeds, used = [], {}
-    for run in results:
-        for name in split.datasets:
-            entry = run["test_sets"].get(name)
-            if entry is None:
+        for seed in args.seeds:
+            directory = run_dir(args.output, setting, seed)
+            done = os.path.join(directory, BF16_RESULTS_FILE)
+            if os.path.isfile(done):
+                print(f"[{setting} seed {seed}] bfloat16 evaluation done ({done})")
                 continue
-            for m in METRICS:
-                values[m].append(float(entry[m]))
-            seeds.append(run["seed"])
-            used.setdefault(name, set()).update(
-                {(entry["images"], entry["score_thresh"], run["setting"])}
-            )
-            break
-    return values, {"seeds": seeds, "used": used}
-
-
-def _mean_std(values: List[float]) -> Tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def build_tables(results: List[Dict], seeds: Sequence[int]) -> Dict[int, Dict]:
-    """{table: {"header": [...], "rows": [[...]], "csv_rows": [[...]], "notes": [...]}}."""
-    tables = {}
-    for number, title in TABLE_TITLES.items():
-        splits = [s for s in SPLITS if s.table == number]
-        header = ["Method"] + [f"{s.label} {m}" for s in splits for m in METRICS]
-        paper = ["DES-SAM (paper)"] + [f"{v:.2f}" for s in splits for v in s.paper]
-        ours, means, stds = (
-            ["DES-SAM (this code)"],
-            ["DES-SAM (this code) mean"],
-            ["DES-SAM (this code) std"],
-        )
-        per_seed = {seed: [f"DES-SAM (this code) seed {seed}"] for seed in seeds}
-        notes = []
-        for split in splits:
-            values, info = _split_values(results, split)
-            for m in METRICS:
-                mean, std = _mean_std(values[m])
-                ours.append("–" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}")
-                means.append("" if math.isnan(mean) else f"{mean:.2f}")
-                stds.append("" if math.isnan(std) else f"{std:.2f}")
-                by_seed = dict(zip(info["seeds"], values[m]))
-                for seed in seeds:
-                    per_seed[seed].append(f"{by_seed[seed]:.2f}" if seed in by_seed else "")
-            tested = "; ".join(
-                f"{name}, {images} image{'s' * (images != 1)}, box score threshold {thresh:g}, "
-                f"trained on {setting}"
-                for name, entries in info["used"].items()
-                for images, thresh, setting in sorted(entries)
-            )
-            n = len(info["seeds"])
-            notes.append(
-                f"{split.label}: {n} of {len(seeds)} runs"
-                + (f" (seeds {', '.join(map(str, info['seeds']))})" if n else "")
-                + (f"; {tested}" if tested else "")
-                + (
-                    "; the paper used a 60-image subset of TargetB that its release does not "
-                    "list (see README.md)"
-                    if split.label == "TargetB" and TARGETB in info["used"]
-                    else ""
+            print(f"[{setting} seed {seed}] evaluating with bfloat16 inference", flush=True)
+            cmd = train_command(args, setting, seed, root, bf16_eval=True)
+            proc = subprocess.run(cmd, env=env)
+            if proc.returncode != 0:
+                raise RunFailedError(
+                    f"the bfloat16 evaluation of {setting} seed {seed} stopped with exit status "
+                    f"{proc.returncode} (its log: {directory}/{BF16_DIR}/log.txt)",
+                    proc.returncode,
                 )
-            )
-        tables[number] = {
-            "title": title,
-            "header": header,
-            "rows": [paper, ours],
-            "csv_rows": [paper, means, stds] + [per_seed[s] for s in seeds],
-            "notes": notes,
-        }
-    return tables
-
-
-def _markdown(header: List[str], rows: List[List[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def write_tables(output: str, seeds: Sequence[int]) -> str:
-    """Write tables.md, table1.csv and table2.csv into ``output``; returns the Markdown."""
-    tables = build_tables(_load_results(output, seeds), seeds)
-    parts = [
-        "# DES-SAM: the paper's Tables 1-2, reproduced",
-        "",
-        "Dice / AJI / PQ (%), averaged over the images of each test set; this code: mean ± "
-        f"standard deviation over the runs (seeds {', '.join(map(str, seeds))}; n − 1 in the "
-        "denominator, 0 for one run). Written by tools/reproduce_paper.py.",
-    ]
-    for number, table in tables.items():
-        parts += ["", f"## {table['title']}", "", _markdown(table["header"], table["rows"]), ""]
-        parts += [f"- {note}" for note in table["notes"]]
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(table["header"])
-        writer.writerows(table["csv_rows"])
-        with atomic_open(os.path.join(output, f"table{number}.csv")) as f:
-            f.write(buffer.getvalue().encode())
-    text = "\n".join(parts) + "\n"
-    with atomic_open(os.path.join(output, "tables.md")) as f:
-        f.write(text.encode())
-    return text
+            if main_machine:
+                results = collect_results(os.path.join(directory, BF16_DIR))
+                results.update(setting=setting, seed=seed, inference_dtype="bfloat16")
+                with atomic_open(done) as f:
+                    f.write(json.dumps(results, indent=1).encode())
+                write_tables(args.output, args.seeds)
 
 
 # ---------------------------------------------------------------- entry point
@@ -461,6 +372,3 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     print("\n" + text)
     print(f"written: {', '.join(os.path.join(args.output, f) for f in TABLE_FILES)}")
     return text
-
-
-TABLE_FILES = ("tables.md", "table1.csv", "table2.csv")

@@ -18,6 +18,7 @@ from test_data_isbi2014 import _write_v73
 
 from dessam_d2.cli import run_cli
 from dessam_d2.reproduce import main, parse_args, train_command
+from dessam_d2.reproduce_tables import write_tables
 
 TINY = [
     "MODEL.SAM.VARIANT", "custom",
@@ -134,14 +135,16 @@ def _csv(path):
         return list(csv.reader(f))
 
 
-def _run_means(runs, setting, name):
+def _run_means(runs, setting, name, prefix=""):
     """Independent truth: means over images of the run's own per-image CSV."""
     values = []
     for seed in (1, 2):
         path = runs / setting / f"seed{seed}" / "inference" / name / f"nuclei_metrics_{name}.csv"
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        values.append([np.mean([float(r[m]) for r in rows]) for m in ("Dice", "AJI", "PQ")])
+        values.append(
+            [np.mean([float(r[prefix + m]) for r in rows]) for m in ("Dice", "AJI", "PQ")]
+        )
     return np.mean(values, axis=0), np.std(values, axis=0, ddof=1)
 
 
@@ -172,6 +175,7 @@ def test_reproduce_tables_and_resume(sources, tmp_path, monkeypatch, capfd):
     assert t2[0] == ["Method"] + [
         f"{s} {m}" for s in ("TargetA", "TargetB", "2014ISBI") for m in ("Dice", "AJI", "PQ")
     ]
+    release = "DES-SAM (this code), release protocol"
     assert [row[0] for row in t1] == [
         "Method",
         "DES-SAM (paper)",
@@ -179,6 +183,10 @@ def test_reproduce_tables_and_resume(sources, tmp_path, monkeypatch, capfd):
         "DES-SAM (this code) std",
         "DES-SAM (this code) seed 1",
         "DES-SAM (this code) seed 2",
+        f"{release} mean",
+        f"{release} std",
+        f"{release} seed 1",
+        f"{release} seed 2",
     ]
     assert t1[1][1:] == ["83.37", "69.99", "69.85", "83.58", "70.02", "70.16"]
     assert t2[1][1:] == [
@@ -204,6 +212,10 @@ def test_reproduce_tables_and_resume(sources, tmp_path, monkeypatch, capfd):
         np.testing.assert_allclose(
             [float(v) for v in t1[3][1 + 3 * col : 4 + 3 * col]], std, atol=0.006
         )
+        mean, _ = _run_means(runs, setting, name, prefix="release_")  # the release's protocol
+        np.testing.assert_allclose(
+            [float(v) for v in t1[6][1 + 3 * col : 4 + 3 * col]], mean, atol=0.006
+        )
     mean, _ = _run_means(runs, "clusterseg", "cnseg_domainseg_targetb60_test")
     np.testing.assert_allclose([float(v) for v in t2[2][4:7]], mean, atol=0.006)
 
@@ -211,6 +223,8 @@ def test_reproduce_tables_and_resume(sources, tmp_path, monkeypatch, capfd):
     assert "| DES-SAM (paper) | 83.37 | 69.99 | 69.85 | 83.58 | 70.02 | 70.16 |" in md
     ours = [line for line in md.splitlines() if line.startswith("| DES-SAM (this code) |")]
     assert len(ours) == 2
+    assert sum(line.startswith(f"| {release} |") for line in md.splitlines()) == 2
+    assert "Dice is the pixel Dice" in md and "bfloat16" not in md.split("## Table 1")[1]
     assert [len(re.findall(r"\| \d+\.\d\d ± \d+\.\d\d ", line)) for line in ours] == [6, 9]
     for split, name, threshold in (
         ("PatchSeg", "cnseg_patchseg_test", 0.55),
@@ -289,6 +303,17 @@ def test_runs_get_the_launcher_flags_seed_and_overrides(tmp_path):
     assert "--resume --num-gpus 4 --num-machines 2 --machine-rank 1 --dist-url tcp://h:1" in flags
     assert f"SEED 3 OUTPUT_DIR {os.path.join('out', 'clusterseg', 'seed3')}" in flags
     assert cmd[-2:] == ["MODEL.DEVICE", "cuda"]  # the user's overrides come last and win
+    assert "MODEL.DESSAM.INFERENCE_DTYPE float32" in flags  # never "auto" = bfloat16 on a GPU
+    bf16 = train_command(args, "clusterseg", 3, str(tmp_path), bf16_eval=True)
+    assert "--eval-only" in bf16 and "--resume" not in bf16
+    run = os.path.join("out", "clusterseg", "seed3")
+    assert bf16[bf16.index("OUTPUT_DIR") + 1] == os.path.join(run, "bfloat16")
+    assert bf16[-4:] == [
+        "MODEL.WEIGHTS",
+        os.path.join(run, "model_final.pth"),
+        "MODEL.DESSAM.INFERENCE_DTYPE",
+        "bfloat16",
+    ]
     assert "DATASETS.TEST" not in cmd  # no TargetB list: the config's test sets
     (tmp_path / "cnseg/domainseg").mkdir(parents=True)
     (tmp_path / "cnseg/domainseg/targetb60.txt").write_text("a.jpg\n")
@@ -314,3 +339,34 @@ def test_a_bad_targetb_list_stops_before_any_training(sources, tmp_path, capsys)
     assert err.startswith("error: data set 'cnseg_domainseg_targetb60_test': 1 of the 2 names")
     assert "nope.jpg" in err
     assert not (tmp_path / "runs" / "patchseg").exists()
+
+
+def test_bfloat16_rows_stand_next_to_float32(tmp_path):
+    """--bf16 results (results_bfloat16.json) get their own rows; the values are the files'."""
+
+    def results(dice, release_dice):
+        entry = {"Dice": dice, "AJI": 50.0, "PQ": 40.0, "images": 3, "score_thresh": 0.55}
+        entry["release"] = {"Dice": release_dice, "AJI": 51.0, "PQ": 41.0}
+        return {"test_sets": {"cnseg_patchseg_test": entry}}
+
+    run = tmp_path / "patchseg" / "seed1"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(results(80.0, 81.0)))
+    md = write_tables(str(tmp_path), [1])
+    assert "bfloat16 inference |" not in md
+    (run / "results_bfloat16.json").write_text(json.dumps(results(79.5, 80.25)))
+    md = write_tables(str(tmp_path), [1])
+    table1 = md.split("## Table 2")[0].splitlines()
+    rows = [line.split(" | ") for line in table1 if line.startswith("| DES-SAM")]
+    lines = {row[0][2:]: row[1] for row in rows}
+    assert lines["DES-SAM (this code)"] == "80.00 ± 0.00"
+    assert lines["DES-SAM (this code), release protocol"] == "81.00 ± 0.00"
+    assert lines["DES-SAM (this code), bfloat16 inference"] == "79.50 ± 0.00"
+    assert lines["DES-SAM (this code), bfloat16, release protocol"] == "80.25 ± 0.00"
+    t1 = _csv(tmp_path / "table1.csv")
+    assert [row[1] for row in t1 if row[0].endswith("seed 1")] == [
+        "80.00",
+        "81.00",
+        "79.50",
+        "80.25",
+    ]
