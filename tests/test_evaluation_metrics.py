@@ -393,4 +393,8 @@ def test_object_dice_equals_the_definition_on_random_maps():
     for seed in range(20):
         gt = rng.integers(0, 5, (12, 12)) * (rng.random((12, 12)) < 0.7)
         pred = rng.integers(0, 6, (12, 12)) * (rng.random((12, 12)) < 0.6)
-        assert object_dice(gt, pred) == pytest.approx(_naive_object_dice(gt, pred), abs=1e-12)
+        want = _naive_object_dice(gt, pred)
+        assert object_dice(gt, pred) == pytest.approx(want, abs=1e-12)
+        both = nuclei_metrics(gt, pred, with_object_dice=True)  # one table for all
+        assert both["objDice"] == pytest.approx(want, abs=1e-12)
+        assert {k: v for k, v in both.items() if k != "objDice"} == nuclei_metrics(gt, pred)

@@ -234,11 +234,24 @@ def panoptic_quality(gt: np.ndarray, pred: np.ndarray) -> Tuple[float, float, fl
     return _panoptic_quality(_overlaps(gt, pred))
 
 
-def nuclei_metrics(gt: np.ndarray, pred: np.ndarray) -> Dict[str, float]:
-    """All of :data:`METRIC_NAMES` for one image, from a single contingency table."""
+def nuclei_metrics(
+    gt: np.ndarray, pred: np.ndarray, with_object_dice: bool = False
+) -> Dict[str, float]:
+    """All of :data:`METRIC_NAMES` for one image, from a single contingency table; with
+    ``with_object_dice`` also "objDice" (:func:`object_dice`) from the same table."""
     ov = _overlaps(gt, pred)
     dq, sq, pq = _panoptic_quality(ov)
-    return {"Dice": _dice(ov), "AJI": _aji(ov), "AJI+": _aji_plus(ov), "DQ": dq, "SQ": sq, "PQ": pq}
+    scores = {
+        "Dice": _dice(ov),
+        "AJI": _aji(ov),
+        "AJI+": _aji_plus(ov),
+        "DQ": dq,
+        "SQ": sq,
+        "PQ": pq,
+    }
+    if with_object_dice:
+        scores["objDice"] = _object_dice(ov)
+    return scores
 
 
 def mean_metrics(

@@ -15,7 +15,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
 from ..utils.io import atomic_open
-from .metrics import METRIC_NAMES, masks_to_label_map, mean_metrics, nuclei_metrics, object_dice
+from .metrics import METRIC_NAMES, masks_to_label_map, mean_metrics, nuclei_metrics
 from .release_protocol import RELEASE_MIN_AREA, relabel_components, release_label_map
 
 __all__ = [
@@ -207,8 +207,7 @@ class NucleiEvaluator(DatasetEvaluator):
 
 
 def _percent(gt: np.ndarray, pred: np.ndarray) -> Dict[str, float]:
-    scores = {**nuclei_metrics(gt, pred), OBJECT_DICE: object_dice(gt, pred)}
-    return {k: 100.0 * v for k, v in scores.items()}
+    return {k: 100.0 * v for k, v in nuclei_metrics(gt, pred, with_object_dice=True).items()}
 
 
 def build_nuclei_evaluators(
