@@ -7,10 +7,17 @@ Needs no data set and no downloaded weights: SAM is the tiny one shipped in
 on the held-out images and on a held-out set in a shifted stain style:
 
 * untrained: the detector before training (SAM pretrained, nothing else);
+* box prior, ground-truth boxes: an ellipse inscribed in each true box (no model at all: what
+  the teacher must beat to be worth distilling);
 * SAM + ground-truth boxes: the frozen tiny SAM prompted with the true boxes, i.e. the teacher
   (an upper reference for the masks: it is given the boxes);
+* box prior, detector boxes: an ellipse inscribed in each box of the trained detector (what
+  DES-SAM's masks must beat);
 * SAM + detector boxes: the trained detector's boxes, SAM's own tokens (no learnable token);
-* DES-SAM: the trained detector + the learnable token (distillation + edge-aware loss).
+* DES-SAM: the trained detector + the learnable token (distillation + edge-aware loss);
+* fully supervised reference: the same detector with Detectron2's Mask R-CNN mask head trained
+  on the ground-truth masks for the same schedule (``dessam_d2/reference.py``; the only row
+  that reads masks).
 """
 
 import contextlib
@@ -19,16 +26,24 @@ import logging
 import os
 from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
-from .config import apply_epoch_schedule, load_config, num_training_images
+from .box_prior import ellipse_instances, gt_boxes_of
+from .config import (
+    apply_epoch_schedule,
+    load_config,
+    num_training_images,
+    score_thresholds_per_test_set,
+)
 from .data import DESSAMDatasetMapper, default_dataset_root, make_synthetic_cytology
 from .engine import Trainer
 from .inference.predictor import Predictor, predict_images
+from .reference import ReferenceTrainer, reference_config
 from .utils.io import atomic_open
 
 logger = logging.getLogger("dessam_d2.demo")
@@ -36,6 +51,9 @@ logger = logging.getLogger("dessam_d2.demo")
 COLUMNS = [("nuclei", "Dice"), ("nuclei", "AJI"), ("nuclei", "AJI+"), ("nuclei", "PQ")]
 COLUMNS += [("bbox", "AP"), ("segm", "AP")]
 SPLITS = ("train", "test", "test_shifted")
+BOX_PRIOR_GT = "box prior, ground-truth boxes"
+BOX_PRIOR_DET = "box prior, detector boxes"
+REFERENCE = "fully supervised reference"
 
 
 def ensure_synthetic_data(num_train: int = 48, num_test: int = 12) -> str:
@@ -48,6 +66,23 @@ def ensure_synthetic_data(num_train: int = 48, num_test: int = 12) -> str:
         )
         make_synthetic_cytology(root, num_train=num_train, num_test=num_test)
     return root
+
+
+def _test_on(cfg, model, dataset_name: str, evaluator) -> Dict:
+    """``Trainer.test`` on one test set, with its own box score threshold (a set that is not in
+    DATASETS.TEST gets MODEL.ROI_HEADS.SCORE_THRESH_TEST)."""
+    names = list(cfg.DATASETS.TEST)
+    threshold = (
+        score_thresholds_per_test_set(cfg)[names.index(dataset_name)]
+        if dataset_name in names
+        else cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+    )
+    one = cfg.clone()
+    one.defrost()
+    one.DATASETS.TEST = (dataset_name,)
+    one.DATASETS.TEST_SCORE_THRESH = (threshold,)
+    one.freeze()
+    return Trainer.test(one, model, evaluators=[evaluator])
 
 
 def _row(name: str, results: Dict) -> List:
@@ -90,6 +125,98 @@ def evaluate_with_gt_boxes(cfg, model, dataset_name: str, output_folder: str) ->
     return evaluator.evaluate()
 
 
+@torch.no_grad()
+def evaluate_box_prior_gt(cfg, dataset_name: str, output_folder: str) -> Dict:
+    """The box prior on ground-truth boxes: an inscribed ellipse per true box, score 1."""
+    evaluator = Trainer.build_evaluator(cfg, dataset_name, output_folder=output_folder)
+    evaluator.reset()
+    mapper = DESSAMDatasetMapper(cfg, is_train=False)
+    for record in DatasetCatalog.get(dataset_name):
+        inputs = mapper(record)
+        boxes = gt_boxes_of(record)
+        inst = ellipse_instances(boxes, np.ones(len(boxes)), record["height"], record["width"])
+        evaluator.process([inputs], [{"instances": inst}])
+    return evaluator.evaluate()
+
+
+class EllipsesInDetections(torch.nn.Module):
+    """A detector's outputs with each mask replaced by the ellipse inscribed in its box (the box
+    prior on detector boxes); ``roi_heads`` is the detector's, so ``Trainer.test`` applies the
+    same per-test-set score thresholds."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.roi_heads = model.roi_heads
+
+    def forward(self, batched_inputs):
+        outputs = self.model(batched_inputs)
+        for out in outputs:
+            inst = out["instances"].to("cpu")
+            h, w = inst.image_size
+            boxes = inst.pred_boxes.tensor.numpy()
+            out["instances"] = ellipse_instances(boxes, inst.scores.numpy(), h, w)
+        return outputs
+
+
+def _outlined(image: np.ndarray, label_map: np.ndarray, colour, scale: int) -> np.ndarray:
+    """``image`` enlarged ``scale`` times (nearest) with each labelled object's outline drawn."""
+    import cv2
+
+    big = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    labels = cv2.resize(label_map, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    for i in np.unique(labels)[1:]:
+        contours, _ = cv2.findContours(
+            (labels == i).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+        )
+        cv2.drawContours(big, contours, -1, colour, 2)
+    return big
+
+
+def _label_map(masks: torch.Tensor, scores: torch.Tensor) -> np.ndarray:
+    """H x W int32 map of N bool masks, the higher score on top."""
+    masks = masks.cpu().numpy()
+    out = np.zeros(masks.shape[1:], np.int32)
+    for rank, i in enumerate(np.argsort(scores.cpu().numpy())):
+        out[masks[i]] = rank + 1
+    return out
+
+
+@torch.no_grad()
+def comparison_picture(cfg, model, dataset_name: str, path: str, index: int = 0, scale: int = 3):
+    """PNG of one held-out image: ground truth | teacher (SAM + true boxes) | DES-SAM outlines,
+    enlarged ``scale`` times so outlines are visible. Returns the path."""
+    import cv2
+
+    from .evaluation.nuclei_evaluator import annotations_to_label_map
+
+    record = DatasetCatalog.get(dataset_name)[index]
+    inputs = DESSAMDatasetMapper(cfg, is_train=False)(record)
+    h, w = record["height"], record["width"]
+    image = cv2.cvtColor(cv2.imread(record["file_name"]), cv2.COLOR_BGR2RGB)
+    scale_in = inputs["image"].shape[-1] / w
+    boxes = torch.as_tensor(gt_boxes_of(record), dtype=torch.float32) * scale_in
+    model.eval()
+    teacher = model.segment_boxes([inputs], [boxes], student=False)[0]["instances"]
+    student = model([inputs])[0]["instances"]
+    panels = [
+        ("ground truth", annotations_to_label_map(record["annotations"], h, w), (0, 200, 0)),
+        ("teacher: SAM + true boxes", _label_map(teacher.pred_masks, teacher.scores), (0, 0, 255)),
+        ("DES-SAM", _label_map(student.pred_masks, student.scores), (255, 0, 0)),
+    ]
+    tiles = []
+    for title, labels, colour in panels:
+        tile = _outlined(image, labels.astype(np.int32), colour, scale)
+        cv2.putText(tile, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3)
+        cv2.putText(tile, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1)
+        tiles.append(tile)
+    gap = np.full((tiles[0].shape[0], 6, 3), 255, np.uint8)
+    picture = np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1)
+    with atomic_open(path) as f:
+        f.write(cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))[1].tobytes())
+    return path
+
+
 def _quiet_console(logger_names: Sequence[str]) -> None:
     """Keep Detectron2's full model printout (``Model:\\n...``) out of the console; log.txt
     still has it."""
@@ -114,12 +241,14 @@ def run_demo(config_file: str = "configs/dessam_demo.yaml", opts: Sequence[str] 
     _quiet_console(["detectron2"])
     test_sets = [cfg.DATASETS.TEST[0], "dessam_synthetic_shifted_test"]
 
-    print(f"[demo] evaluating the untrained model on {test_sets[0]}")
+    print(f"[demo] evaluating the untrained model on {', '.join(test_sets)}")
     torch.manual_seed(cfg.SEED)
     untrained = Trainer.build_model(cfg)
-    folder = os.path.join(cfg.OUTPUT_DIR, "inference_untrained", test_sets[0])
-    evaluator = Trainer.build_evaluator(cfg, test_sets[0], output_folder=folder)
-    rows = {test_sets[0]: {"untrained": Trainer.test(cfg, untrained, evaluators=[evaluator])}}
+    rows: Dict[str, Dict] = {}
+    for name in test_sets:
+        folder = os.path.join(cfg.OUTPUT_DIR, "inference_untrained", name)
+        evaluator = Trainer.build_evaluator(cfg, name, output_folder=folder)
+        rows[name] = {"untrained": _test_on(cfg, untrained, name, evaluator)}
     del untrained
 
     print(f"[demo] training for {cfg.SOLVER.MAX_ITER} iterations on the CPU (progress every 20)")
@@ -128,19 +257,38 @@ def run_demo(config_file: str = "configs/dessam_demo.yaml", opts: Sequence[str] 
     trainer.train()
     model = trainer.model
 
+    ref_cfg = reference_config(cfg)
+    print(
+        f"[demo] training the fully supervised reference (Mask R-CNN mask head on the true "
+        f"masks) for {ref_cfg.SOLVER.MAX_ITER} iterations"
+    )
+    os.makedirs(ref_cfg.OUTPUT_DIR, exist_ok=True)
+    torch.manual_seed(cfg.SEED)
+    ref_trainer = ReferenceTrainer(ref_cfg)
+    ref_trainer.resume_or_load(resume=False)
+    ref_trainer.train()
+
     for name in test_sets:
         print(f"[demo] evaluating on {name}")
-        table = rows.setdefault(name, {})
+        table = rows[name]
         out = os.path.join(cfg.OUTPUT_DIR, "inference_ablation", name)
+        table[BOX_PRIOR_GT] = evaluate_box_prior_gt(cfg, name, os.path.join(out, "ellipse_gt"))
         table["SAM + ground-truth boxes"] = evaluate_with_gt_boxes(
             cfg, model, name, os.path.join(out, "gt_boxes")
         )
+        ev = Trainer.build_evaluator(cfg, name, os.path.join(out, "ellipse_detector"))
+        table[BOX_PRIOR_DET] = _test_on(cfg, EllipsesInDetections(model), name, ev)
         with without_learnable_tokens(model):
             ev = Trainer.build_evaluator(cfg, name, os.path.join(out, "detector_boxes"))
-            table["SAM + detector boxes"] = Trainer.test(cfg, model, evaluators=[ev])
+            table["SAM + detector boxes"] = _test_on(cfg, model, name, ev)
         ev = Trainer.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference", name))
-        table["DES-SAM"] = Trainer.test(cfg, model, evaluators=[ev])
+        table["DES-SAM"] = _test_on(cfg, model, name, ev)
+        ev = Trainer.build_evaluator(cfg, name, os.path.join(ref_cfg.OUTPUT_DIR, "inference", name))
+        table[REFERENCE] = _test_on(ref_cfg, ref_trainer.model, name, ev)
 
+    picture = comparison_picture(
+        cfg, model, test_sets[0], os.path.join(cfg.OUTPUT_DIR, "comparison.png")
+    )
     prediction_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
     images = [d["file_name"] for d in DatasetCatalog.get(test_sets[0])]
     print(f"[demo] predicting {len(images)} held-out images into {prediction_dir}")
@@ -149,7 +297,8 @@ def run_demo(config_file: str = "configs/dessam_demo.yaml", opts: Sequence[str] 
     head = model.roi_heads.mask_head
     change = float((head.learnable_tokens.detach() - head.learnable_tokens_init).norm())
     summary = {"seed": cfg.SEED, "threads": torch.get_num_threads(), "tables": rows}
-    summary["token"] = {"norm": float(head.learnable_tokens.norm()), "change": change}
+    norm = float(head.learnable_tokens.detach().norm())
+    summary["token"] = {"norm": norm, "change": change}
     with atomic_open(os.path.join(cfg.OUTPUT_DIR, "demo_results.json")) as f:
         f.write(json.dumps(summary, indent=1, default=float).encode())
     for name, table in rows.items():
@@ -157,9 +306,10 @@ def run_demo(config_file: str = "configs/dessam_demo.yaml", opts: Sequence[str] 
         print(f"\nDES-SAM demo on {name} ({n} held-out images, metrics in %):\n")
         print(results_table(table))
     print(
-        f"\nLearnable token: norm {float(head.learnable_tokens.norm()):.3f}, moved {change:.3f} "
+        f"\nLearnable token: norm {norm:.3f}, moved {change:.3f} "
         f"from its initial value (token/* in metrics.json)\n"
-        f"Pictures: {prediction_dir}/*_overlay.png (labels, CSV, GeoJSON beside them)\n"
+        f"Pictures: {prediction_dir}/*_overlay.png (labels, CSV, GeoJSON beside them); "
+        f"ground truth | teacher | DES-SAM: {picture}\n"
         f"Model: {os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}\n"
         f"Per-image metrics: {cfg.OUTPUT_DIR}/inference/<test set>/nuclei_metrics_<test set>.csv\n"
         f"Data set: {MetadataCatalog.get(test_sets[0]).json_file}"

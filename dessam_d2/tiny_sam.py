@@ -14,6 +14,7 @@ Run it with ``tools/pretrain_tiny_sam.py``; the shipped file is ``weights/tiny_s
 import json
 import logging
 import math
+import os
 import time
 from typing import Dict, Iterator, List, Tuple
 
@@ -98,16 +99,45 @@ def mask_loss(logits: torch.Tensor, masks: torch.Tensor) -> Tuple[torch.Tensor, 
     )
 
 
+def tie_attention_keys(mask_decoder: nn.Module) -> int:
+    """Initialise the decoder's image<->token attentions with the key projection equal to the
+    query projection; returns how many attentions were tied (a start, not a constraint).
+
+    SAM's decoder localises a box prompt by attention between the prompt tokens, which carry the
+    random Fourier encoding of the box corners, and the image tokens, which carry the same
+    encoding of their positions. With independent random query and key projections the scores
+    ``q(x)^T k(y)`` are unrelated to how close x and y are, and pretraining from scratch sits on
+    a "predict nothing" plateau for hundreds of iterations. With ``W_k = W_q`` the score is
+    ``(W x)^T (W y)``, a random projection of ``x^T y``: the Fourier encodings of nearby
+    positions already match, so a corner token attends near its corner from the first step.
+    """
+    from segment_anything.modeling.transformer import Attention
+
+    tied = 0
+    with torch.no_grad():
+        for name, module in mask_decoder.named_modules():
+            if isinstance(module, Attention) and ("to_image" in name or "to_token" in name):
+                module.k_proj.weight.copy_(module.q_proj.weight)
+                tied += 1
+    return tied
+
+
 def evaluate_parts(
-    parts: Dict[str, nn.Module], cfg: CfgNode, seeds: List[int], pixel_mean, pixel_std
+    parts: Dict[str, nn.Module],
+    cfg: CfgNode,
+    seeds: List[int],
+    pixel_mean,
+    pixel_std,
+    jitter: float = 0.0,
 ) -> float:
-    """Mean mask IoU of box-prompted masks (exact boxes) on held-out scenes."""
+    """Mean mask IoU of box-prompted masks on held-out scenes; prompts are the exact boxes, or
+    boxes jittered by ``jitter`` x their side (seeded: the same boxes every call)."""
     size = cfg.MODEL.SAM.IMAGE_SIZE
     rng = np.random.default_rng(0)
     ious = []
     with torch.no_grad():
         for seed in seeds:
-            for image, boxes, masks in scene_batch(seed, 1, size, 64, 0.0, rng):
+            for image, boxes, masks in scene_batch(seed, 1, size, 64, jitter, rng):
                 emb = parts["image_encoder"](((image - pixel_mean) / pixel_std)[None])
                 logits = decode(parts, emb, boxes)
                 up = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
@@ -153,25 +183,36 @@ def pretrain_tiny_sam(
     first_scene: int = 0,
     num_objects: Tuple[int, int] = (4, 14),
     stop_after: int = 0,
+    tie_keys: bool = True,
+    eval_every: int = 0,
+    warmup: int = 200,
 ) -> Dict:
     """Train the SAM parts of ``cfg`` on synthetic scenes and write an official-format checkpoint.
 
-    Scenes 0 .. iterations*batch-1 train (offset by ``first_scene``), scenes from 10**7 on are
-    held out. ``init``: start from that checkpoint instead of random weights. Returns the log
-    (losses every ``log_every`` iterations and the held-out mask IoU before and after).
+    Scenes first_scene, first_scene+1, ... train (``batch`` per iteration), scenes from 10**7 on
+    are held out. ``init``: start from that checkpoint instead of random weights; otherwise the
+    decoder's attentions start with tied keys (:func:`tie_attention_keys`) when ``tie_keys``.
+    Resumable: every ``save_every`` iterations the checkpoint and a training state
+    (``output + ".state"``: weights, optimiser, iteration, data RNG, log) are written atomically;
+    calling again with the same arguments continues from the state (and ``stop_after`` then
+    counts the iterations to reach in all). Returns the log: losses every ``log_every``
+    iterations, the held-out mask IoU (exact and 10 %-jittered boxes) every ``eval_every`` and
+    before/after.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     parts = build_sam_parts(cfg)
     if init:  # continue from an earlier run's checkpoint (a second phase)
         load_sam_checkpoint(parts, init)
+    elif tie_keys:
+        tie_attention_keys(parts["mask_decoder"])
     params = [p for m in parts.values() for p in m.parameters()]
     pixel_mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(3, 1, 1)
     pixel_std = torch.tensor(cfg.MODEL.PIXEL_STD).view(3, 1, 1)
     held_out = list(range(10**7, 10**7 + 32))
     size = cfg.MODEL.SAM.IMAGE_SIZE
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = min(200, iterations // 10)
+    warmup = min(warmup, iterations // 10)
 
     def lr_at(it: int) -> float:  # linear warm-up, then cosine to 5 %
         if it < warmup:
@@ -179,13 +220,36 @@ def pretrain_tiny_sam(
         t = (it - warmup) / max(1, iterations - warmup)
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    log = {"iterations": iterations, "batch": batch, "lr": lr, "seed": seed, "init": init}
-    log["num_objects"] = list(num_objects)
-    log["losses"] = []
-    log["held_out_iou_before"] = evaluate_parts(parts, cfg, held_out, pixel_mean, pixel_std)
-    logger.info(f"held-out mask IoU before pretraining: {log['held_out_iou_before']:.3f}")
-    start = time.perf_counter()
-    for it in range(stop_after or iterations):  # stop_after: the schedule is still `iterations`
+    def held_out_iou(jit: float = 0.0) -> float:
+        return round(evaluate_parts(parts, cfg, held_out, pixel_mean, pixel_std, jit), 4)
+
+    state_path = output + ".state"
+    start_it = 0
+    if os.path.exists(state_path):
+        state = torch.load(state_path, weights_only=False)
+        for name, module in parts.items():
+            module.load_state_dict(state["parts"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        start_it, log = state["iteration"], state["log"]
+        logger.info(f"resuming from {state_path} at iteration {start_it}")
+    else:
+        log = {"iterations": iterations, "batch": batch, "lr": lr, "seed": seed, "init": init}
+        log.update(num_objects=list(num_objects), jitter=jitter, tie_keys=tie_keys and not init)
+        log.update(max_boxes=max_boxes, warmup=warmup, losses=[], held_out=[])
+        log["held_out_iou_before"] = held_out_iou()
+        logger.info(f"held-out mask IoU before pretraining: {log['held_out_iou_before']:.3f}")
+    start = time.perf_counter() - (log["losses"][-1]["seconds"] if log["losses"] else 0.0)
+
+    def save_state(it: int) -> None:
+        save_sam_checkpoint(parts, output)  # an interrupted run leaves a usable file
+        state = {"parts": {n: m.state_dict() for n, m in parts.items()}, "iteration": it}
+        state.update(optimizer=optimizer.state_dict(), rng=rng.bit_generator.state, log=log)
+        with atomic_open(state_path) as f:
+            torch.save(state, f)
+
+    end_it = stop_after or iterations  # stop_after: the schedule is still `iterations`
+    for it in range(start_it, end_it):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it)
         samples = list(
@@ -207,11 +271,16 @@ def pretrain_tiny_sam(
             entry["seconds"] = round(time.perf_counter() - start, 1)
             log["losses"].append(entry)
             logger.info(json.dumps(entry))
-        if save_every and (it + 1) % save_every == 0 and it + 1 < iterations:
-            save_sam_checkpoint(parts, output)  # an interrupted run leaves a usable file
-    log["held_out_iou_after"] = evaluate_parts(parts, cfg, held_out, pixel_mean, pixel_std)
+        if eval_every and (it + 1) % eval_every == 0:
+            entry = {"iter": it + 1, "iou": held_out_iou(), "iou_jitter_0.1": held_out_iou(0.1)}
+            log["held_out"].append(entry)
+            logger.info(json.dumps(entry))
+        if save_every and (it + 1) % save_every == 0 and it + 1 < end_it:
+            save_state(it + 1)
+    log["held_out_iou_after"] = held_out_iou()
+    log["held_out_iou_after_jitter_0.1"] = held_out_iou(0.1)
     logger.info(f"held-out mask IoU after pretraining: {log['held_out_iou_after']:.3f}")
-    save_sam_checkpoint(parts, output)
+    save_state(end_it)
     return log
 
 

@@ -46,6 +46,8 @@ def tiny_cfg(**overrides):
             "MODEL.ANCHOR_GENERATOR.SIZES", [[8], [16], [32], [64]],
             "MODEL.RPN.POST_NMS_TOPK_TRAIN", 200,
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
+            # the same numbers on every CPU ("auto" is bfloat16 where the CPU has it natively)
+            "MODEL.DESSAM.INFERENCE_DTYPE", "float32",
         ]  # fmt: skip
     )
     for k, v in overrides.items():

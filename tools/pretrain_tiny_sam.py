@@ -3,7 +3,8 @@
 
 Writes an official-format SAM checkpoint (the shipped one is weights/tiny_sam_shapes.pth) and a
 JSON log beside it (losses, held-out mask IoU before/after, settings). Seeded: the same command
-on the same machine and thread count gives the same file.
+on the same machine and thread count gives the same file. Resumable: an interrupted run
+continues from OUTPUT.state when the same command is run again.
 
     python tools/pretrain_tiny_sam.py [--output weights/tiny_sam_shapes.pth] [--iterations 1500]
 """
@@ -24,6 +25,13 @@ def main():
     p.add_argument("--first-scene", type=int, default=0, help="index of the first scene")
     p.add_argument("--objects", type=int, nargs=2, default=[4, 14], help="objects per scene")
     p.add_argument("--stop-after", type=int, default=0, help="stop after N iterations")
+    p.add_argument("--max-boxes", type=int, default=8, help="prompts per scene")
+    p.add_argument("--jitter", type=float, default=0.05, help="box noise, x the box side")
+    p.add_argument("--warmup", type=int, default=200, help="warm-up iterations")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out IoU every N iterations")
+    p.add_argument(
+        "--no-tie-keys", action="store_true", help="random key projections in the decoder"
+    )
     args = p.parse_args()
 
     import json
@@ -53,6 +61,11 @@ def main():
             first_scene=args.first_scene,
             num_objects=tuple(args.objects),
             stop_after=args.stop_after,
+            max_boxes=args.max_boxes,
+            jitter=args.jitter,
+            warmup=args.warmup,
+            eval_every=args.eval_every,
+            tie_keys=not args.no_tie_keys,
         )
         log.update(config=args.config_file, threads=args.threads, torch=torch.__version__)
         log["command"] = " ".join(sys.argv)

@@ -95,7 +95,8 @@ def _cpu_aware_ddp(model, **kwargs):
         kwargs["device_ids"] = None
     # A trainable SAM decoder (demo only) has parameters whose gradient is skipped on purpose
     # (e.g. key biases that softmax cancels), so DDP must look for unused ones.
-    kwargs["find_unused_parameters"] = not model.roi_heads.mask_head.freeze_decoder
+    # DES-SAM's decoder, when trained, skips its unused multimask outputs; other heads use all
+    kwargs["find_unused_parameters"] = not getattr(model.roi_heads.mask_head, "freeze_decoder", 1)
     return _create_ddp_model(model, **kwargs)
 
 
@@ -191,6 +192,11 @@ class Trainer(DefaultTrainer):
         return adamw(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
     @classmethod
+    def build_train_mapper(cls, cfg: CfgNode):
+        """Dataset dict -> training input: boxes only (DES-SAM never reads a mask in training)."""
+        return DESSAMDatasetMapper(cfg, is_train=True)
+
+    @classmethod
     def build_train_loader(cls, cfg: CfgNode):
         """Detectron2's train loader over a ``ResumableTrainingSampler`` (see data/samplers.py)."""
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
@@ -204,7 +210,7 @@ class Trainer(DefaultTrainer):
             )
         except AssertionError as e:  # e.g. every image filtered out as having no annotation
             raise EmptyDatasetError(f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}: {e}") from None
-        mapper = DESSAMDatasetMapper(cfg, is_train=True)
+        mapper = cls.build_train_mapper(cfg)
         dataset = SeededMapDataset(DatasetFromList(dicts, copy=False), mapper)
         world_size = comm.get_world_size()
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
@@ -265,6 +271,10 @@ class Trainer(DefaultTrainer):
         max_dets = max(cfg.TEST.DETECTIONS_PER_IMAGE, 100)
         return build_nuclei_evaluators(dataset_name, output_folder, max_dets_per_image=max_dets)
 
+    def model_hooks(self):
+        """Hooks that read the DES-SAM model: the prompt tokens' statistics."""
+        return [TokenStatsHook()]
+
     def build_hooks(self):
         # DefaultTrainer.__init__ builds a DetectionCheckpointer, then calls build_hooks (whose
         # PeriodicCheckpointer saves through it): swap in the atomic, strict one first.
@@ -272,5 +282,5 @@ class Trainer(DefaultTrainer):
         self.checkpointer = DESSAMCheckpointer(
             d2.model, d2.save_dir, save_to_disk=d2.save_to_disk, **d2.checkpointables
         )
-        hooks = [ReseedHook(), TokenStatsHook()] + super().build_hooks()
+        hooks = [ReseedHook()] + self.model_hooks() + super().build_hooks()
         return hooks + [ModelFingerprintHook(), LossLogHook(self.cfg.OUTPUT_DIR)]
