@@ -63,6 +63,7 @@ def scene_batch(
     jitter: float,
     rng: np.random.Generator,
     num_objects: Tuple[int, int] = (4, 14),
+    alike: float = 0.0,
 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(3 x S x S image, N x 4 prompt boxes, N x S x S masks) for scenes first_seed, ... .
 
@@ -71,7 +72,7 @@ def scene_batch(
     prompts such as a detector's.
     """
     for k in range(batch):
-        image, masks = render_shapes_scene(first_seed + k, size, num_objects)
+        image, masks = render_shapes_scene(first_seed + k, size, num_objects, alike=alike)
         if not masks:
             continue
         if len(masks) > max_boxes:
@@ -186,12 +187,14 @@ def pretrain_tiny_sam(
     tie_keys: bool = True,
     eval_every: int = 0,
     warmup: int = 200,
+    alike: float = 0.0,
 ) -> Dict:
     """Train the SAM parts of ``cfg`` on synthetic scenes and write an official-format checkpoint.
 
     Scenes first_scene, first_scene+1, ... train (``batch`` per iteration), scenes from 10**7 on
     are held out. ``init``: start from that checkpoint instead of random weights; otherwise the
     decoder's attentions start with tied keys (:func:`tie_attention_keys`) when ``tie_keys``.
+    ``alike``: the share of scenes whose objects all look alike (see ``render_shapes_scene``).
     Resumable: every ``save_every`` iterations the checkpoint and a training state
     (``output + ".state"``: weights, optimiser, iteration, data RNG, log) are written atomically;
     calling again with the same arguments continues from the state (and ``stop_after`` then
@@ -236,7 +239,7 @@ def pretrain_tiny_sam(
     else:
         log = {"iterations": iterations, "batch": batch, "lr": lr, "seed": seed, "init": init}
         log.update(num_objects=list(num_objects), jitter=jitter, tie_keys=tie_keys and not init)
-        log.update(max_boxes=max_boxes, warmup=warmup, losses=[], held_out=[])
+        log.update(max_boxes=max_boxes, warmup=warmup, alike=alike, losses=[], held_out=[])
         log["held_out_iou_before"] = held_out_iou()
         logger.info(f"held-out mask IoU before pretraining: {log['held_out_iou_before']:.3f}")
     start = time.perf_counter() - (log["losses"][-1]["seconds"] if log["losses"] else 0.0)
@@ -253,7 +256,9 @@ def pretrain_tiny_sam(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it)
         samples = list(
-            scene_batch(first_scene + it * batch, batch, size, max_boxes, jitter, rng, num_objects)
+            scene_batch(
+                first_scene + it * batch, batch, size, max_boxes, jitter, rng, num_objects, alike
+            )
         )
         images = torch.stack([(img - pixel_mean) / pixel_std for img, _, _ in samples])
         embeddings = parts["image_encoder"](images)

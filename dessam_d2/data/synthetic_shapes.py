@@ -55,12 +55,14 @@ def _texture(rng: np.random.Generator, shape: Tuple[int, int], base: np.ndarray)
     return out
 
 
-def _shape_mask(rng: np.random.Generator, shape: Tuple[int, int], size: float) -> np.ndarray:
-    """Boolean mask of one object of a random kind, centred somewhere in the image."""
+def _shape_mask(
+    rng: np.random.Generator, shape: Tuple[int, int], size: float, kind: str = ""
+) -> np.ndarray:
+    """Boolean mask of one object of ``kind`` (random if empty), centred somewhere in the image."""
     h, w = shape
     cx, cy = rng.uniform(0, w), rng.uniform(0, h)
     angle = rng.uniform(0, 360)
-    kind = _KINDS[rng.integers(len(_KINDS))]
+    kind = kind or _KINDS[rng.integers(len(_KINDS))]
     canvas = np.zeros(shape, np.uint8)
     r = size / 2
     if kind == "ellipse":
@@ -93,23 +95,36 @@ def _shape_mask(rng: np.random.Generator, shape: Tuple[int, int], size: float) -
 
 
 def render_shapes_scene(
-    seed: int, size: int = 256, num_objects: Tuple[int, int] = (4, 14), min_area: int = 20
+    seed: int,
+    size: int = 256,
+    num_objects: Tuple[int, int] = (4, 14),
+    min_area: int = 20,
+    alike: float = 0.0,
 ) -> Tuple[np.ndarray, List[np.ndarray]]:
     """One scene: (H x W x 3 uint8 RGB, the visible mask of each object, in drawing order).
 
     An object occluded to less than 40 % of its area, or below ``min_area`` pixels, is left out
-    of the masks (it still shows in the image).
+    of the masks (it still shows in the image). With probability ``alike`` the scene's objects
+    are all alike (one kind, one fill, sizes within +-30 %): a box prompt then has to be told
+    apart from its look-alike neighbours by where it is, not by what it looks like.
     """
     rng = np.random.default_rng(seed)
     shape = (size, size)
     image = _texture(rng, shape, _hsv_colour(rng))
     masks: List[np.ndarray] = []
     full_areas: List[int] = []
+    same = alike > 0 and rng.uniform() < alike
+    if same:
+        kind, base = _KINDS[rng.integers(len(_KINDS))], rng.uniform(8, 50)
+        common_fill = _texture(rng, shape, _hsv_colour(rng))
     for _ in range(int(rng.integers(num_objects[0], num_objects[1] + 1))):
-        mask = _shape_mask(rng, shape, rng.uniform(6, 70))
+        if same:
+            mask = _shape_mask(rng, shape, base * rng.uniform(0.7, 1.3), kind)
+        else:
+            mask = _shape_mask(rng, shape, rng.uniform(6, 70))
         if mask.sum() < min_area:
             continue
-        fill = _texture(rng, shape, _hsv_colour(rng))
+        fill = common_fill if same else _texture(rng, shape, _hsv_colour(rng))
         alpha = 1.0 if rng.uniform() < 0.8 else rng.uniform(0.6, 0.9)
         image[mask] = (1 - alpha) * image[mask] + alpha * fill[mask]
         masks = [m & ~mask for m in masks]

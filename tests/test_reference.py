@@ -1,0 +1,92 @@
+"""The demo's baselines outside DES-SAM's model: the box prior (an ellipse inscribed in each box)
+and the fully supervised reference (Detectron2's Mask R-CNN head on the same detector)."""
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import GeneralizedRCNN
+
+from dessam_d2.box_prior import ellipse_instances, gt_boxes_of, inscribed_ellipses
+from dessam_d2.config import load_config
+from dessam_d2.data import register_nuclei_coco
+from dessam_d2.data.synthetic import generate_synthetic_dataset
+from dessam_d2.engine import Trainer
+from dessam_d2.reference import MaskSupervisedMapper, ReferenceTrainer, reference_config
+from dessam_d2.tiny_sam import build_sam_parts, save_sam_checkpoint
+
+
+def test_the_inscribed_ellipse_fills_pi_over_4_of_its_box_and_stays_inside():
+    masks = inscribed_ellipses(np.array([[10, 20, 50, 40], [0, 0, 0, 5], [-5, -5, 7, 9]]), 60, 70)
+    assert masks.shape == (3, 60, 70) and masks.dtype == torch.bool
+    assert abs(int(masks[0].sum()) - np.pi * 20 * 10) < 12
+    ys, xs = torch.nonzero(masks[0], as_tuple=True)
+    assert xs.min() >= 10 and xs.max() < 50 and ys.min() >= 20 and ys.max() < 40
+    assert masks[0, 30, 30] and not masks[0, 20, 10]  # centre in, corner out
+    assert not masks[1].any()  # an empty box gives an empty mask
+    assert masks[2].any() and not masks[2][10:].any()  # clipped at the image border
+    inst = ellipse_instances(np.array([[10, 20, 50, 40]]), np.array([0.7]), 60, 70)
+    assert inst.image_size == (60, 70) and torch.equal(inst.pred_masks[0], masks[0])
+
+
+@pytest.fixture(scope="module")
+def cytology(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    json_file = generate_synthetic_dataset(str(root), 2, seed=3)
+    register_nuclei_coco("reference_train", json_file, str(root / "images"))
+    sam = root / "sam.pth"
+    cfg = load_config("configs/dessam_demo.yaml", ["MODEL.SAM.CHECKPOINT", ""])
+    torch.manual_seed(0)
+    save_sam_checkpoint(build_sam_parts(cfg), str(sam))
+    return root, str(sam)
+
+
+def test_the_reference_reads_masks_through_the_same_resize(cytology):
+    record = DatasetCatalog.get("reference_train")[0]
+    cfg = load_config(
+        "configs/dessam_demo.yaml", ["MODEL.SAM.IMAGE_SIZE", 128, "MODEL.SAM.PATCH_SIZE", 8]
+    )
+    out = MaskSupervisedMapper(cfg)(record)
+    inst = out["instances"]
+    assert tuple(out["image"].shape) == (3, 128, 128)  # 256 px images, longest side 128
+    assert len(inst) == len(gt_boxes_of(record)) and inst.gt_masks.tensor.shape[-2:] == (128, 128)
+    # each mask lies in its (halved) box
+    for box, mask in zip(inst.gt_boxes.tensor, inst.gt_masks.tensor):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert xs.min() >= box[0] - 1 and xs.max() <= box[2] + 1
+
+
+def test_the_reference_is_mask_rcnn_on_the_same_frozen_sam_encoder(cytology, tmp_path, one_thread):
+    _, sam = cytology
+    opts = ["MODEL.SAM.CHECKPOINT", sam, "DATASETS.TRAIN", "('reference_train',)"]
+    opts += [
+        "SOLVER.EPOCHS",
+        0,
+        "SOLVER.MAX_ITER",
+        2,
+        "SOLVER.STEPS",
+        "()",
+        "SOLVER.WARMUP_ITERS",
+        1,
+    ]
+    opts += ["DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(tmp_path), "TEST.EVAL_PERIOD", 0]
+    cfg = load_config("configs/dessam_demo.yaml", [str(o) for o in opts])
+    ref = reference_config(cfg)
+    assert ref.OUTPUT_DIR == str(tmp_path / "reference_mask_rcnn")
+    dessam = Trainer.build_model(cfg)
+    trainer = ReferenceTrainer(ref)
+    model = trainer.model
+    assert isinstance(model, GeneralizedRCNN)
+    assert type(model.roi_heads.mask_head).__name__ == "MaskRCNNConvUpsampleHead"
+    mine, theirs = (
+        model.backbone.net.encoder.state_dict(),
+        dessam.image_encoder.encoder.state_dict(),
+    )
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert not any(p.requires_grad for p in model.backbone.net.parameters())  # frozen as DES-SAM's
+    before = {k: v.clone() for k, v in model.roi_heads.mask_head.state_dict().items()}
+    trainer.resume_or_load(resume=False)
+    trainer.train()  # two steps on the masks
+    after = model.roi_heads.mask_head.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(mine[k], model.backbone.net.encoder.state_dict()[k]) for k in mine)
