@@ -10,11 +10,18 @@ a bug and ends with its traceback.
 
 import logging
 import sys
+import warnings
 from datetime import timedelta
 from typing import Callable, Iterable, Optional
 
 from .errors import UserError
 from .utils.malloc import MALLOC_TUNING_SWITCH, tune_malloc
+
+# fvcore (imported by Detectron2's layers) decorates functions with torch.jit.script at import,
+# which torch deprecates with a FutureWarning on stderr in every tool; nothing here scripts.
+warnings.filterwarnings(
+    "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+)
 
 __all__ = [
     "EXIT_DONE",

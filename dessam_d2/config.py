@@ -21,6 +21,8 @@ __all__ = [
     "ConfigError",
     "add_dessam_config",
     "load_config",
+    "CHOICES",
+    "check_choices",
     "num_training_images",
     "apply_epoch_schedule",
     "check_dataset_names",
@@ -138,8 +140,38 @@ def add_dessam_config(cfg: CN) -> None:
     _C.DATASETS.TEST_SCORE_THRESH = ()
 
 
+# Every key that takes one of a few words, and the words. The modules that read a key keep their
+# own check as a defence; tests/test_config.py pins that their lists and these agree.
+CHOICES = {
+    "MODEL.SAM.VARIANT": ("vit_b", "vit_l", "vit_h", "custom"),
+    "MODEL.DESSAM.DISTILL_REDUCTION": ("mean", "sum"),
+    "MODEL.DESSAM.STUDENT_PROMPTS": ("predicted", "proposals"),
+    "MODEL.DESSAM.PAIRWISE_LOSS": ("boxsnake", "boxinst"),
+    "MODEL.DESSAM.EMBEDDING_CACHE_DTYPE": ("float16", "bfloat16", "float32"),
+    "MODEL.DESSAM.DECODER_INFERENCE_DTYPE": ("float32", "bfloat16"),
+    "MODEL.DESSAM.INFERENCE_DTYPE": ("auto", "float32", "bfloat16"),
+    "INPUT.FORMAT": ("RGB", "BGR"),
+    "INPUT.RANDOM_FLIP": ("none", "horizontal", "vertical", "both"),
+    "SOLVER.OPTIMIZER": ("SGD", "ADAMW"),
+}
+_ANY_CASE = ("SOLVER.OPTIMIZER",)  # the trainer compares it upper-cased
+
+
+def check_choices(cfg: CfgNode) -> None:
+    """Raise a one-line ConfigError naming the first key of CHOICES whose value is not one of
+    its words (``load_config`` calls it; a tool that builds its config otherwise can too)."""
+    for key, words in CHOICES.items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        value = node.upper() if key in _ANY_CASE and isinstance(node, str) else node
+        if value not in words:
+            raise ConfigError(f"{key}={node}: use one of {', '.join(words)}")
+
+
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
-    """Detectron2 config + DES-SAM keys + the file + overrides, with one-line errors."""
+    """Detectron2 config + DES-SAM keys + the file + overrides, with one-line errors (a key of
+    CHOICES set to another word included)."""
     cfg = get_cfg()
     add_dessam_config(cfg)
     if not os.path.isfile(config_file):
@@ -152,6 +184,7 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
         raise ConfigError(f"{config_file}: {key}; see dessam_d2/config.py for the keys") from None
     except (ValueError, AssertionError) as e:
         raise ConfigError(f"{config_file}: {e}") from None
+    check_choices(cfg)
     return cfg
 
 

@@ -2,13 +2,21 @@
 
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import DEMO
 from detectron2.config import get_cfg
 
 from dessam_d2 import add_dessam_config
-from dessam_d2.config import ConfigError, apply_epoch_schedule, check_dataset_names, load_config
+from dessam_d2.config import (
+    CHOICES,
+    ConfigError,
+    apply_epoch_schedule,
+    check_dataset_names,
+    load_config,
+)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
@@ -99,6 +107,7 @@ DEMO_SIZE_AND_SCHEDULE = (
     "MODEL.ROI_BOX_HEAD.CONV_DIM",
     "MODEL.ROI_BOX_HEAD.FC_DIM",
     "MODEL.DESSAM.MAX_TRAIN_MASKS_PER_IMAGE",
+    "MODEL.DESSAM.INFERENCE_DTYPE",  # float32: the demo's numbers are the same on every CPU
     "DATASETS.",
     "DATALOADER.NUM_WORKERS",
     "SOLVER.IMS_PER_BATCH",
@@ -151,3 +160,61 @@ def test_unregistered_or_empty_data_set_names_are_config_errors():
     with pytest.raises(ConfigError, match="DATASETS.TRAIN is empty"):
         check_dataset_names(cfg)
     check_dataset_names(cfg, eval_only=True)
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_a_typo_in_a_word_valued_key_is_one_line_naming_the_key(key):
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, [key, "typo_x"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{key}=typo_x: use one of ")
+    assert all(word in message for word in CHOICES[key])
+
+
+def test_the_optimizer_is_any_case_as_the_trainer_reads_it():
+    assert load_config(DEMO, ["SOLVER.OPTIMIZER", "adamw"]).SOLVER.OPTIMIZER == "adamw"
+
+
+def test_the_words_are_those_the_modules_accept():
+    """CHOICES is a second list: pin it to the modules' own (a word added to one only fails)."""
+    from dessam_d2.data.mapper import _FLIPS, _FORMATS
+    from dessam_d2.modeling.embedding_cache import _DTYPES
+    from dessam_d2.modeling.losses import DISTILL_REDUCTIONS
+    from dessam_d2.modeling.meta_arch import INFERENCE_DTYPES
+    from dessam_d2.modeling.roi_heads import STUDENT_PROMPTS
+    from dessam_d2.modeling.sam_backbone import SAM_VARIANTS
+
+    assert set(CHOICES["MODEL.SAM.VARIANT"]) == set(SAM_VARIANTS) | {"custom"}
+    assert set(CHOICES["MODEL.DESSAM.INFERENCE_DTYPE"]) == set(INFERENCE_DTYPES) | {"auto"}
+    assert set(CHOICES["MODEL.DESSAM.DECODER_INFERENCE_DTYPE"]) == set(INFERENCE_DTYPES)
+    assert set(CHOICES["MODEL.DESSAM.EMBEDDING_CACHE_DTYPE"]) == set(_DTYPES)
+    assert set(CHOICES["MODEL.DESSAM.DISTILL_REDUCTION"]) == set(DISTILL_REDUCTIONS)
+    assert set(CHOICES["MODEL.DESSAM.STUDENT_PROMPTS"]) == set(STUDENT_PROMPTS)
+    assert set(CHOICES["INPUT.RANDOM_FLIP"]) == set(_FLIPS)
+    assert set(CHOICES["INPUT.FORMAT"]) == set(_FORMATS)
+
+
+def test_the_modules_own_checks_raise_config_errors_too(cfg):
+    from dessam_d2.modeling.meta_arch import resolve_inference_dtype
+    from dessam_d2.modeling.sam_backbone import sam_encoder_shape
+
+    with pytest.raises(ConfigError, match="MODEL.DESSAM.INFERENCE_DTYPE='fp16'"):
+        resolve_inference_dtype("fp16", "cpu")
+    cfg.MODEL.SAM.VARIANT = "vit_x"
+    with pytest.raises(ConfigError, match="MODEL.SAM.VARIANT='vit_x' is unknown"):
+        sam_encoder_shape(cfg)
+
+
+def test_a_tool_prints_a_config_typo_as_one_line():
+    proc = subprocess.run(
+        [sys.executable, "tools/train_net.py", "--config-file", DEMO, "--eval-only"]
+        + ["MODEL.SAM.VARIANT", "vit_x"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: MODEL.SAM.VARIANT=vit_x: use one of vit_b, vit_l, vit_h, custom"
+    ]

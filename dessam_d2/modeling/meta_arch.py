@@ -20,6 +20,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 from torch.profiler import record_function
 
+from ..errors import ConfigError
 from ..utils.hashing import module_fingerprint
 from .embedding_cache import EmbeddingCache, weights_state
 from .sam_weights import load_sam_checkpoint
@@ -51,7 +52,7 @@ def resolve_inference_dtype(setting: str, device) -> torch.dtype:
     if setting in INFERENCE_DTYPES:
         return INFERENCE_DTYPES[setting]
     if setting != "auto":
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.DESSAM.INFERENCE_DTYPE={setting!r}: use 'auto', 'float32' or 'bfloat16'"
         )
     device = torch.device(device)

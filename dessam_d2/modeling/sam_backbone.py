@@ -9,6 +9,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec, SimpleFe
 from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
+from ..errors import ConfigError
+
 # Encoder shapes of the official checkpoints (segment_anything/build_sam.py).
 SAM_VARIANTS = {
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
@@ -32,7 +34,7 @@ def sam_encoder_shape(cfg: CfgNode) -> dict:
             window_size=sam.ENCODER_WINDOW_SIZE,
         )
     else:
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.SAM.VARIANT={sam.VARIANT!r} is unknown: use one of "
             f"{sorted(SAM_VARIANTS)} or 'custom'"
         )
