@@ -15,6 +15,7 @@ from segment_anything.modeling import Sam
 from dessam_d2.data.datasets import DatasetFormatError
 from dessam_d2.data.mapper import sam_model_input
 from dessam_d2.data.synthetic import generate_synthetic_dataset
+from dessam_d2.errors import ImageReadError
 from dessam_d2.inference.annotate import boxes_to_masks
 from dessam_d2.inference.predictor import Predictor
 
@@ -186,3 +187,11 @@ def test_a_box_reaching_outside_the_image_is_clipped_as_in_training(
     clipped = torch.tensor([[0.0, 70.0, 28.0, 96.0]]) * 2.0
     expected = sharp_predictor.model.segment_boxes([inputs], [clipped], student=False)
     assert np.array_equal(mask, expected[0]["instances"].pred_masks[0].numpy())
+
+
+def test_not_one_readable_image_is_an_error_and_writes_nothing(boxes_only, predictor, tmp_path):
+    path, _, _ = boxes_only
+    out = tmp_path / "masks.json"
+    with pytest.raises(ImageReadError, match=r"no image of .* could be read under .*nowhere"):
+        boxes_to_masks(predictor, str(path), str(tmp_path / "nowhere"), str(out), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

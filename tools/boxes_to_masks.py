@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from dessam_d2.cli import EXIT_USER_ERROR, exit_status, run_cli
+from dessam_d2.cli import exit_status, run_cli
 
 
 def parse_args(argv=None):
@@ -62,10 +62,7 @@ def main(args) -> int:
     for message in summary.failed.values():
         print(f"failed: {message}")
     print(f"wrote {args.output}")
-    status = exit_status(summary.images + summary.resumed, len(summary.failed))
-    if status == EXIT_USER_ERROR:
-        print(f"error: no image under {args.image_root} could be read: see above", file=sys.stderr)
-    return status
+    return exit_status(summary.images + summary.resumed, len(summary.failed))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ stopped; the output JSON is written once, atomically, at the end.
 """
 
 import json
-import logging
 import math
 import os
 import time
@@ -24,8 +23,6 @@ from ..data.image_io import read_image_rgb
 from ..errors import DatasetFormatError, EmptyDatasetError, ImageReadError, InputNotFoundError
 from ..utils.io import atomic_write_json
 from .predictor import Predictor
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,7 +105,8 @@ def boxes_to_masks(
     overwrite: bool = False,
     progress: bool = True,
 ) -> AnnotateSummary:
-    """Write ``output_file``: the input COCO file with a ``segmentation`` (RLE) for every box."""
+    """Write ``output_file``: the input COCO file with a ``segmentation`` (RLE) for every box.
+    Raises ImageReadError, writing nothing, when not one image could be read."""
     coco = read_coco(annotation_file)
     model = predictor.model
     by_image: Dict[int, List[Dict]] = {}
@@ -130,8 +128,7 @@ def boxes_to_masks(
             try:
                 image = read_image_rgb(path)
             except ImageReadError as e:
-                summary.failed[path] = str(e)
-                logger.warning(str(e))
+                summary.failed[path] = str(e)  # the tool lists them after the summary
                 continue
             h, w = image.shape[:2]
             anns = [a for a in by_image.get(info["id"], []) if _valid_box(a.get("bbox"), w, h)]
@@ -154,6 +151,12 @@ def boxes_to_masks(
             log.flush()
             done[info["id"]] = out
             summary.images += 1
+    if summary.failed and not done:
+        os.remove(partial)  # empty: nothing to resume
+        raise ImageReadError(
+            f"no image of {annotation_file} could be read under {image_root} (first: "
+            f"{next(iter(summary.failed.values()))}); nothing written"
+        )
     annotations = [a for anns in done.values() for a in anns]
     summary.masks = len(annotations)
     atomic_write_json(output_file, {**coco, "annotations": annotations})
