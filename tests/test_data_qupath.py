@@ -95,3 +95,29 @@ def test_qupath_rectangles_polygons_points_and_classes(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert last.startswith("error: ") and "c.geojson: no image named c.<" in last
     assert not (tmp_path / "c.json").exists()
+
+
+def test_the_tool_prints_no_warning(tmp_path):
+    """A run that succeeds writes nothing on stderr (torch's FutureWarning about fvcore's
+    torch.jit.script included), one that fails only its one-line error."""
+    write_images(str(tmp_path), ["b.png"], size=(96, 128))
+    (tmp_path / "b.geojson").write_text(json.dumps([qupath_rectangle(1, 2, 3, 4)]))
+    (tmp_path / "c.geojson").write_text(json.dumps([qupath_rectangle(1, 2, 3, 4)]))
+    stderr = []
+    for name in ("b", "c"):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "tools/import_qupath.py",
+                "--geojson",
+                str(tmp_path / f"{name}.geojson"),
+            ]
+            + ["--image-root", str(tmp_path), "--output", str(tmp_path / f"{name}.json")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "default"},
+        )
+        stderr.append(proc.stderr.strip().splitlines())
+    assert stderr[0] == [] and (tmp_path / "b.json").is_file()
+    assert len(stderr[1]) == 1 and stderr[1][0].startswith("error: ")
