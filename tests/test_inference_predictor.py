@@ -13,6 +13,7 @@ from detectron2.structures import Boxes, Instances
 from scipy import ndimage
 
 from dessam_d2.inference.predictor import (
+    CSV_FIELDS,
     Predictor,
     collect_images,
     nucleus_features,
@@ -103,8 +104,24 @@ def test_features_of_a_disc_and_an_ellipse():
     assert (disc["x0"], disc["y0"], disc["x1"], disc["y1"]) == (5, 5, 36, 36)
     assert disc["mean_intensity"] == pytest.approx(20, abs=0.5)
     # Background grey 200, nucleus 20: OD = log10(200/20) = 1 per pixel.
-    assert disc["integrated_optical_density"] == pytest.approx(disc["area"], rel=1e-3)
-    assert ellipse["integrated_optical_density"] == pytest.approx(0.0, abs=1e-6)
+    assert disc["brightfield_integrated_od"] == pytest.approx(disc["area"], rel=1e-3)
+    assert ellipse["brightfield_integrated_od"] == pytest.approx(0.0, abs=1e-6)
+    assert disc["integrated_intensity"] == 20 * disc["area"]
+    assert ellipse["integrated_intensity"] == 200 * ellipse["area"]
+
+
+def test_fluorescence_nuclei_have_an_integrated_intensity():
+    """Bright nuclei on a dark background: the sum of grey values measures them; the brightfield
+    OD is negative (log10(10 / 160) = -1.204 per pixel), as the README warns."""
+    labels = np.zeros((40, 40), np.int32)
+    labels[10:20, 5:25] = 1  # 200 px
+    image = np.full((40, 40, 3), 10, np.uint8)
+    image[10:15, 5:25] = 160  # half the nucleus bright, half as dark as the background
+    (row,) = nucleus_features(image, labels, {1: 0.5})
+    assert row["integrated_intensity"] == 100 * 160 + 100 * 10
+    assert row["mean_intensity"] == 85.0
+    assert row["brightfield_integrated_od"] == pytest.approx(100 * math.log10(10 / 160), abs=1e-3)
+    assert list(row) == CSV_FIELDS
 
 
 def test_every_output_file_and_rerun_skips_finished_images(tmp_path):

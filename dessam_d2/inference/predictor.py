@@ -4,7 +4,8 @@ Per input image ``<stem>`` the output folder gets
     <stem>_labels.png    instance label image, 16-bit (0 = background, 1..N = nucleus id)
     <stem>_overlay.png   the image with outlines, boxes and scores (Detectron2 Visualizer)
     <stem>_nuclei.csv    one row per nucleus id: score, box, area, perimeter, circularity,
-                         eccentricity, mean intensity, integrated optical density
+                         eccentricity, mean and integrated intensity, brightfield integrated
+                         optical density
     <stem>.geojson       nucleus polygons as QuPath detections
 and, for all images, ``predictions_coco.json`` (COCO results: RLE masks, boxes, scores) with
 ``predictions_images.json`` (the image ids it refers to). Every file is written to a temporary
@@ -29,7 +30,6 @@ import pycocotools.mask as mask_util
 import torch
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
-from scipy import ndimage
 from tabulate import tabulate
 from tqdm import tqdm
 
@@ -39,25 +39,14 @@ from ..errors import ConfigError, ImageReadError, InputNotFoundError, UsageError
 from ..evaluation.metrics import masks_to_label_map
 from ..evaluation.release_protocol import RELEASE_MIN_AREA
 from ..utils.io import atomic_write_bytes, atomic_write_json
-from .outlines import Polygon, mask_polygons, nucleus_feature, one_piece_per_nucleus
+
+# label_polygons: imported from here by slides.py
+from .features import CSV_FIELDS, label_polygons, nucleus_features, to_geojson  # noqa: F401
+from .outlines import one_piece_per_nucleus
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-CSV_FIELDS = [
-    "id",
-    "score",
-    "x0",
-    "y0",
-    "x1",
-    "y1",
-    "area",
-    "perimeter",
-    "circularity",
-    "eccentricity",
-    "mean_intensity",
-    "integrated_optical_density",
-]
 
 
 def collect_images(inputs: Sequence[str]) -> List[str]:
@@ -177,76 +166,6 @@ class Predictor:
         out.scores = torch.cat(scores) if scores else torch.zeros(0)
         out.pred_classes = torch.zeros(n, dtype=torch.int64)
         return out
-
-
-def nucleus_features(image: np.ndarray, labels: np.ndarray, scores: Dict[int, float]) -> List[Dict]:
-    """Per-nucleus morphology and intensity features from the label image.
-
-    mean_intensity is of the grey image (ITU-R 601 luma, 0-255). Optical density is
-    OD = log10(I0 / I) with I0 the median grey level of the background (label 0) and I >= 1;
-    the integrated optical density (IOD) is the sum of OD over the nucleus' pixels.
-    """
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float64)
-    background = grey[labels == 0]
-    i0 = float(np.median(background)) if background.size else 255.0
-    od = np.log10(max(i0, 1.0) / np.maximum(grey, 1.0))
-    rows = []
-    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        mask = labels[sl] == idx
-        area = int(mask.sum())
-        contours, _ = cv2.findContours(
-            np.pad(mask, 1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
-        )
-        perimeter = float(sum(cv2.arcLength(c, True) for c in contours))
-        m = cv2.moments(mask.astype(np.uint8), binaryImage=True)
-        cov = np.array([[m["mu20"], m["mu11"]], [m["mu11"], m["mu02"]]]) / max(m["m00"], 1.0)
-        lo, hi = np.sort(np.linalg.eigvalsh(cov))
-        rows.append(
-            {
-                "id": idx,
-                "score": round(scores.get(idx, float("nan")), 4),
-                "x0": sl[1].start,
-                "y0": sl[0].start,
-                "x1": sl[1].stop,
-                "y1": sl[0].stop,
-                "area": area,
-                "perimeter": round(perimeter, 2),
-                "circularity": round(4 * math.pi * area / perimeter**2, 4) if perimeter else 0.0,
-                "eccentricity": round(math.sqrt(1 - lo / hi), 4) if hi > 0 else 0.0,
-                "mean_intensity": round(float(grey[sl][mask].mean()), 2),
-                "integrated_optical_density": round(float(od[sl][mask].sum()), 3),
-            }
-        )
-    return rows
-
-
-def label_polygons(
-    labels: np.ndarray, offset: Tuple[float, float] = (0, 0)
-) -> Dict[int, List[Polygon]]:
-    """Each labelled nucleus as polygons (shell, holes...) along its pixels' outer edges, in
-    pixel-corner coordinates shifted by ``offset`` = (x, y): a nucleus' polygon area equals its
-    pixel count (see dessam_d2/outlines.py); one polygon per 4-connected piece."""
-    polygons = {}
-    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is not None:
-            origin = (offset[0] + sl[1].start, offset[1] + sl[0].start)
-            polygons[idx] = mask_polygons(labels[sl] == idx, origin)
-    return polygons
-
-
-def to_geojson(labels: np.ndarray, rows: List[Dict], offset: Tuple[float, float] = (0, 0)) -> Dict:
-    """A FeatureCollection QuPath imports as detections classified "Nucleus": a Polygon per
-    nucleus (a MultiPolygon for one split into pieces) with its CSV row as measurements."""
-    by_id = {r["id"]: r for r in rows}
-    features = [
-        nucleus_feature(
-            polygons, f"nucleus {idx}", {k: v for k, v in by_id[idx].items() if k != "id"}
-        )
-        for idx, polygons in label_polygons(labels, offset).items()
-    ]
-    return {"type": "FeatureCollection", "features": features}
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
