@@ -78,6 +78,7 @@ def build_cfg(args, **overrides):
 
 
 def build_model(cfg, seed=0):
+    import torch
     from detectron2.modeling import build_model as d2_build
 
     torch.manual_seed(seed)
@@ -101,7 +102,10 @@ def synthetic_input(num_nuclei: int, size: int = 1024, seed: int = 0, with_gt: b
     return out
 
 
-def random_boxes(n: int, size: int = 1024, seed: int = 0) -> "torch.Tensor":
+def random_boxes(n: int, size: int = 1024, seed: int = 0):
+    """n random XYXY boxes (n x 4 tensor) of 15-75 px in a size x size image."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(n, 2, generator=g) * (size - 100)
     return torch.cat([xy, xy + 15 + 60 * torch.rand(n, 2, generator=g)], dim=1)
@@ -160,6 +164,8 @@ def peak_rss_gb() -> float:
 
 
 def bf16_wanted(args) -> bool:
+    import torch
+
     from dessam_d2.modeling.meta_arch import resolve_inference_dtype
 
     if args.bf16 == "auto":
@@ -168,8 +174,10 @@ def bf16_wanted(args) -> bool:
 
 
 def phase_encoder(args):
+    import torch
+
     model = build_model(build_cfg(args)).eval()
-    inp = synthetic_input(50, with_gt=False)
+    inp = synthetic_input(50, model.image_size, with_gt=False)
     images, _ = model.preprocess_image([inp])
     out = {}
     with torch.no_grad():
@@ -199,12 +207,13 @@ def native_bf16() -> bool:
 
 
 def phase_train(args, cached: bool):
+    import torch
     from detectron2.utils.events import EventStorage
 
     cache_dir = tempfile.mkdtemp(prefix="dessam_bench_cache_") if cached else ""
     overrides = {"MODEL.DESSAM.EMBEDDING_CACHE_DIR": cache_dir}
     model = build_model(build_cfg(args, **overrides)).train()
-    inp = synthetic_input(args.train_nuclei)
+    inp = synthetic_input(args.train_nuclei, model.image_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     counts = {}
@@ -256,6 +265,8 @@ def phase_infer(args):
     Peak RSS readings are max-so-far: each is that N's own peak only because a larger N needs
     more memory. The full run measures 500 in a process of its own.
     """
+    import torch
+
     sizes = sorted(args.infer_nuclei)
     overrides = {
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0,
@@ -264,7 +275,7 @@ def phase_infer(args):
         "MODEL.RPN.POST_NMS_TOPK_TEST": max(1000, sizes[-1]),
     }
     model = build_model(build_cfg(args, **overrides)).eval()
-    inp = synthetic_input(50, with_gt=False)  # the content does not matter here
+    inp = synthetic_input(50, model.image_size, with_gt=False)  # the content does not matter
     kept = []
 
     def run():
@@ -313,6 +324,8 @@ def phase_infer(args):
 def decoder_breakdown(head, emb, boxes, repeats: int) -> dict:
     """Where the decoder's time goes, ms per nucleus per part, segment-anything's (forward hooks
     on its modules, removed afterwards) and ours (its "dessam/decoder/..." profiler labels)."""
+    import torch
+
     times = defaultdict(float)
     handles = []
 
@@ -370,12 +383,15 @@ def decoder_breakdown(head, emb, boxes, repeats: int) -> dict:
 
 def phase_decoder(args):
     """SAM's decoder alone (student prompts, no grad): ms per nucleus."""
+    import torch
+
     model = build_model(build_cfg(args)).eval()
     head = model.roi_heads.mask_head
-    emb = torch.randn(1, 256, 64, 64)
+    enc = model.image_encoder  # SAM's embedding: 256 x 64 x 64 for 1024 px
+    emb = torch.randn(1, enc.out_chans, enc.embed_size, enc.embed_size)
     out = {}
     n = args.decoder_nuclei
-    boxes = random_boxes(n)
+    boxes = random_boxes(n, model.image_size)
     variants = [("fast_fp32", True, "float32", head.chunk_size)]
     variants.append(("fast_bf16", True, "bfloat16", head.chunk_size))
     variants.append(("reference", False, "float32", head.chunk_size))
@@ -409,6 +425,8 @@ INFER_PARTS = ("encoder", "pyramid", "rpn", "box_head", "mask_decoder", "postpro
 
 
 def run_phase(args):
+    import torch
+
     torch.set_num_threads(args.threads)
     if args.phase == "encoder":
         out = phase_encoder(args)
@@ -700,8 +718,6 @@ if __name__ == "__main__":
     args = parse_args()
     # every phase process tunes its own allocator (DESSAM_MALLOC_TUNING=0: glibc's defaults)
     tune_malloc()
-    import torch  # after parsing: --help answers at once
-
     if args.phase:
         run_phase(args)
     else:

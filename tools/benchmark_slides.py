@@ -42,8 +42,8 @@ def write_synthetic_label_tiff(side: int, work: str) -> int:
     """write_label_tiff on a side x side slide of 1024-px prediction tiles, 256 nuclei each."""
     import numpy as np
 
-    from dessam_d2.predict import tile_starts
-    from dessam_d2.slides import SlideGrid, write_label_tiff
+    from dessam_d2.inference.predictor import tile_starts
+    from dessam_d2.inference.slides import SlideGrid, write_label_tiff
 
     tile = 1024
     starts = tile_starts(side, tile, 128)
@@ -90,7 +90,7 @@ def measure_writer(sizes, work: str) -> int:
     return 0
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[2048, 6144])
     p.add_argument("--work", default="/tmp/dessam_slide_bench")
@@ -107,7 +107,7 @@ def main() -> int:
     )
     p.add_argument("--writer-child", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for predict.py")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.writer_child:
         return write_synthetic_label_tiff(args.writer_child, args.work)
     if args.writer_only:
