@@ -116,14 +116,14 @@ def add_dessam_config(cfg: CN) -> None:
     # are float32 either way.
     _C.MODEL.DESSAM.INFERENCE_DTYPE = "auto"
 
-    # Inference thresholds of SPEC.md (PatchSeg; ClusterSeg uses NMS 0.2) and the nuclei cap.
+    # Inference thresholds of the authors' release (PatchSeg; ClusterSeg: NMS 0.2), nuclei cap.
     _C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.55
     _C.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5
     _C.TEST.DETECTIONS_PER_IMAGE = 120
     # Augmentation of the training mapper: "none" (paper), "horizontal", "vertical" or "both".
     _C.INPUT.RANDOM_FLIP = "none"
 
-    # "SGD" (the paper) or "ADAMW" (the demo: a randomly initialised SAM learns in minutes).
+    # "SGD" (the paper, and the demo) or "ADAMW" (any case).
     _C.SOLVER.OPTIMIZER = "SGD"
     # Schedule in epochs as the paper states it (50 epochs, lr x0.1 at 30 and 36), converted to
     # iterations from the training set's size by dessam_d2.engine.setup; 0 = use MAX_ITER/STEPS.

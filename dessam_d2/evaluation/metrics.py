@@ -1,6 +1,6 @@
 """Per-image nuclei instance metrics: Dice, AJI, AJI+ and DQ / SQ / PQ.
 
-Definitions follow ``docs/METRICS.md`` (HoVer-Net / CNSeg protocol): every metric is computed on
+Definitions follow HoVer-Net's (the CNSeg protocol; docs/METHOD.md): every metric is computed on
 one pair of instance label maps (H x W integers, 0 = background, any other value = one nucleus;
 ids need not be contiguous and may be as large as the dtype allows) and the split's score is the
 mean of the per-image values (:func:`mean_metrics`). All functions return fractions in [0, 1].

@@ -1,8 +1,8 @@
 """Whole-slide images (anything OpenSlide reads): tiles read, predicted and written one at a time.
 
-A slide is cut into the same overlapping tiles as a large image (``predict.tile_starts``), at a
+A slide is cut into the same overlapping tiles as a large image (``predictor.tile_starts``), at a
 chosen pyramid level or resolution, in the "work" pixels the model sees; each tile keeps only the
-nuclei whose box centre lies in its own core (``predict.tile_core``), so a nucleus at a seam comes
+nuclei whose box centre lies in its own core (``predictor.tile_core``), so a nucleus at a seam comes
 out once and whole. Tiles without tissue on an Otsu-thresholded thumbnail are skipped. Per slide
 ``<stem>`` the output folder gets
 
