@@ -101,7 +101,7 @@ def add_dessam_config(cfg: CN) -> None:
     _C.MODEL.DESSAM.MASK_LOGIT_THRESHOLD = 0.5
     # On-disk cache of the frozen encoder's embeddings; "" = off (the paper encodes every time).
     _C.MODEL.DESSAM.EMBEDDING_CACHE_DIR = ""
-    # Storage dtype of cached embeddings: "float16" (half the disk; effect in README) or "float32".
+    # Cached embeddings' storage dtype: "float16" (half the disk; docs/PERFORMANCE.md) or "float32".
     _C.MODEL.DESSAM.EMBEDDING_CACHE_DTYPE = "float16"
     # Size cap of the cache directory in GB; least recently used entries are evicted above it.
     _C.MODEL.DESSAM.EMBEDDING_CACHE_MAX_GB = 20.0

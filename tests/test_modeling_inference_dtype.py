@@ -2,8 +2,8 @@
 picks, and that its outputs are float32.
 
 bfloat16 keeps 8 bits of mantissa (float32: 24), so outputs differ in the last digits; the
-bounds are the README's: embedding cosine >= 0.999, per-nucleus mask IoU >= 0.98. SAM's mask
-decoder stays float32 under INFERENCE_DTYPE bfloat16: in bfloat16 as well
+bounds are docs/PERFORMANCE.md's: embedding cosine >= 0.999, per-nucleus mask IoU >= 0.98. SAM's
+mask decoder stays float32 under INFERENCE_DTYPE bfloat16: in bfloat16 as well
 (DECODER_INFERENCE_DTYPE bfloat16) the demo SAM's worst mask fell to IoU 0.81 (mean 0.98; 51
 nuclei), against 0.987 (mean 0.997) with the decoder in float32.
 """

@@ -33,7 +33,7 @@ DETECTION_LOSSES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg")
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # torch.cpu.get_capabilities() flags of a CPU that computes in bfloat16 natively (x86: AVX512-BF16,
 # AMX; Arm: the BF16 and SVE-BF16 extensions). Elsewhere bfloat16 is emulated with float32
-# arithmetic and conversions, which is slower than float32 (README: measured on AVX2).
+# arithmetic and conversions, which is slower than float32 (docs/PERFORMANCE.md: measured on AVX2).
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
 
 

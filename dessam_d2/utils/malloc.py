@@ -5,7 +5,7 @@ kernel when it is freed, so each SAM encoder forward maps and page-faults its la
 (the global-attention maps alone are 12 x 4096 x 4096 floats) afresh. Serving them from the heap
 (``M_MMAP_MAX`` 0) and never trimming it (``M_TRIM_THRESHOLD`` -1, i.e. unlimited) removes those
 page faults (740k -> 49k per ViT-B forward) and speeds the forward up on a 2-core CPU (figures in
-tools/benchmark.py and the README), for about 1 GB more peak RSS.
+tools/benchmark.py, docs/PERFORMANCE.md), for about 1 GB more peak RSS.
 
 ``tune_malloc()`` sets both with ``mallopt`` through ctypes: nothing is re-executed and no
 ``MALLOC_*`` variable leaks into subprocesses. Call it first thing in each process, including
