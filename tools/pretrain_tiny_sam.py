@@ -29,6 +29,7 @@ def main():
     p.add_argument("--jitter", type=float, default=0.05, help="box noise, x the box side")
     p.add_argument("--warmup", type=int, default=200, help="warm-up iterations")
     p.add_argument("--alike", type=float, default=0.0, help="share of look-alike scenes")
+    p.add_argument("--pe-scale", type=float, default=1.0, help="x SAM's position frequencies")
     p.add_argument("--eval-every", type=int, default=0, help="held-out IoU every N iterations")
     p.add_argument(
         "--no-tie-keys", action="store_true", help="random key projections in the decoder"
@@ -68,6 +69,7 @@ def main():
             eval_every=args.eval_every,
             tie_keys=not args.no_tie_keys,
             alike=args.alike,
+            pe_scale=args.pe_scale,
         )
         log.update(config=args.config_file, threads=args.threads, torch=torch.__version__)
         log["command"] = " ".join(sys.argv)
