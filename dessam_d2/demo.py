@@ -29,7 +29,6 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import BoxMode
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
@@ -49,7 +48,10 @@ from .utils.io import atomic_open
 logger = logging.getLogger("dessam_d2.demo")
 
 COLUMNS = [("nuclei", "Dice"), ("nuclei", "AJI"), ("nuclei", "AJI+"), ("nuclei", "PQ")]
-COLUMNS += [("bbox", "AP"), ("segm", "AP")]
+COLUMNS += [("bbox", "AP"), ("segm", "AP"), ("prompted", "mean IoU")]
+# "IoU/box": mean IoU of the mask each true box prompts with that nucleus (rows given the true
+# boxes only)
+HEADERS = [{"nuclei": k, "prompted": "IoU/box"}.get(t, f"{t} {k}") for t, k in COLUMNS]
 SPLITS = ("train", "test", "test_shifted")
 BOX_PRIOR_GT = "box prior, ground-truth boxes"
 BOX_PRIOR_DET = "box prior, detector boxes"
@@ -86,11 +88,12 @@ def _test_on(cfg, model, dataset_name: str, evaluator) -> Dict:
 
 
 def _row(name: str, results: Dict) -> List:
-    return [name] + [round(results.get(task, {}).get(k, float("nan")), 2) for task, k in COLUMNS]
+    values = [results.get(task, {}).get(k) for task, k in COLUMNS]
+    return [name] + ["" if v is None else round(v, 2) for v in values]
 
 
 def results_table(rows: Dict[str, Dict]) -> str:
-    headers = ["model"] + [k if t == "nuclei" else f"{t} {k}" for t, k in COLUMNS]
+    headers = ["model"] + HEADERS
     return tabulate([_row(n, r) for n, r in rows.items()], headers=headers, tablefmt="github")
 
 
@@ -112,17 +115,35 @@ def evaluate_with_gt_boxes(cfg, model, dataset_name: str, output_folder: str) ->
     evaluator.reset()
     mapper = DESSAMDatasetMapper(cfg, is_train=False)
     model.eval()
+    ious = []
     for record in DatasetCatalog.get(dataset_name):
         inputs = mapper(record)
         scale = inputs["image"].shape[-1] / record["width"]
-        boxes = [
-            BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-            for a in record.get("annotations", [])
-        ]
-        boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
+        boxes = torch.as_tensor(gt_boxes_of(record), dtype=torch.float32) * scale
         outputs = model.segment_boxes([inputs], [boxes], student=False)
         evaluator.process([inputs], outputs)
-    return evaluator.evaluate()
+        ious += prompt_ious(record, outputs[0]["instances"].pred_masks)
+    return {**evaluator.evaluate(), "prompted": _mean_iou(ious)}
+
+
+def prompt_ious(record: Dict, masks: torch.Tensor) -> List[float]:
+    """IoU of each prompted mask with the true mask of the box it was prompted with (masks in
+    the order of ``gt_boxes_of(record)``, original image size)."""
+    from pycocotools import mask as mask_util
+
+    from .evaluation.nuclei_evaluator import segmentation_to_rle
+
+    h, w = record["height"], record["width"]
+    annotations = [a for a in record.get("annotations", []) if a.get("iscrowd", 0) == 0]
+    ious = []
+    for a, pred in zip(annotations, masks.cpu().numpy().astype(bool)):
+        gt = mask_util.decode(segmentation_to_rle(a["segmentation"], h, w)).astype(bool)
+        ious.append(float((gt & pred).sum() / max((gt | pred).sum(), 1)))
+    return ious
+
+
+def _mean_iou(ious: List[float]) -> Dict:
+    return {"mean IoU": 100.0 * float(np.mean(ious)) if ious else float("nan"), "n": len(ious)}
 
 
 @torch.no_grad()
@@ -131,12 +152,14 @@ def evaluate_box_prior_gt(cfg, dataset_name: str, output_folder: str) -> Dict:
     evaluator = Trainer.build_evaluator(cfg, dataset_name, output_folder=output_folder)
     evaluator.reset()
     mapper = DESSAMDatasetMapper(cfg, is_train=False)
+    ious = []
     for record in DatasetCatalog.get(dataset_name):
         inputs = mapper(record)
         boxes = gt_boxes_of(record)
         inst = ellipse_instances(boxes, np.ones(len(boxes)), record["height"], record["width"])
         evaluator.process([inputs], [{"instances": inst}])
-    return evaluator.evaluate()
+        ious += prompt_ious(record, inst.pred_masks)
+    return {**evaluator.evaluate(), "prompted": _mean_iou(ious)}
 
 
 class EllipsesInDetections(torch.nn.Module):
@@ -334,7 +357,7 @@ def spread_report(run_dirs: Sequence[str]) -> str:
         f"{len(results)} runs: "
         + ", ".join(f"seed {r['seed']} x {r['threads']} thread(s)" for r in results)
     ]
-    headers = ["model"] + [k if t == "nuclei" else f"{t} {k}" for t, k in COLUMNS]
+    headers = ["model"] + HEADERS
     for name in results[0]["tables"]:
         body = []
         for row in results[0]["tables"][name]:
@@ -344,7 +367,13 @@ def spread_report(run_dirs: Sequence[str]) -> str:
                     for r in results
                 ]
             )
-            body.append([row] + [f"{m:.2f} ± {s:.2f}" for m, s in zip(vals.mean(0), vals.std(0))])
+            body.append(
+                [row]
+                + [
+                    f"{m:.2f} ± {s:.2f}" if np.isfinite(m) else ""
+                    for m, s in zip(vals.mean(0), vals.std(0))
+                ]
+            )
         lines += ["", f"**{name}** (mean ± std over the runs)", ""]
         lines.append(tabulate(body, headers=headers, tablefmt="github"))
         if "DES-SAM" in results[0]["tables"][name]:
@@ -353,8 +382,10 @@ def spread_report(run_dirs: Sequence[str]) -> str:
             lines.append(
                 f"\nworst DES-SAM run: seed {worst['seed']} x {worst['threads']} thread(s), "
                 + ", ".join(
-                    f"{k} {worst['tables'][name]['DES-SAM'].get(t, {}).get(k, 0):.2f}"
-                    for t, k in COLUMNS
+                    f"{h} {worst['tables'][name]['DES-SAM'][t][k]:.2f}"
+                    for (t, k), h in zip(COLUMNS, HEADERS)
+                    if k in worst["tables"][name]["DES-SAM"].get(t, {})
                 )
+                + f"; mean AJI {np.mean(aji):.2f}, worst - mean {min(aji) - np.mean(aji):+.2f}"
             )
     return "\n".join(lines) + "\n"
