@@ -51,11 +51,12 @@ def test_the_demo_setting_learns_to_segment_from_boxes(data, tmp_path, one_threa
     trainer.train()
     after = Trainer.test(cfg, trainer.model)
     # The detector learnt to find nuclei, and the masks got better with it. (An untrained
-    # detector may already fire on a few nuclei, which SAM then outlines; the tiny SAM teacher
-    # itself reaches AJI ~29 with the true boxes, so AJI cannot go far above that.)
+    # detector may already fire on a few nuclei, which SAM then outlines.) Measured on a 2-core
+    # AMD EPYC: box AP 0 -> 10.5 / 15.4, AJI 4.4 -> 38.0 / 10.1 -> 41.7, Dice 90.2 / 92.1 for
+    # seeds 1 / 2 (the shipped teacher reaches AJI ~65 on the demo's test set with true boxes).
     assert after["bbox"]["AP"] > before["bbox"]["AP"] + 5, (before["bbox"], after["bbox"])
     b, a = before["nuclei"], after["nuclei"]
-    assert a["AJI"] > b["AJI"] + 3 and a["Dice"] > 60, (b, a)
+    assert a["AJI"] > max(b["AJI"] + 15, 30) and a["Dice"] > 80, (b, a)
 
     with open(os.path.join(tmp_path, "losses.jsonl")) as f:
         rows = [json.loads(line) for line in f]
