@@ -3,7 +3,8 @@
 of tools/pretrain_tiny_sam.py, one line per run.
 
     python tools/plot_pretraining.py --output weights/pretraining_curves.png \
-        "phase 4=weights/tiny_sam_shapes_phase4.log" "probe=weights/pretraining_runs/x.log"
+        "phase 4=weights/tiny_sam_shapes_phase4.log@3100" \
+        "probe=weights/pretraining_runs/probe_pe_scale3.log@4100"
 """
 
 import argparse
