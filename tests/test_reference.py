@@ -58,7 +58,14 @@ def test_the_reference_reads_masks_through_the_same_resize(cytology):
 
 def test_the_reference_is_mask_rcnn_on_the_same_frozen_sam_encoder(cytology, tmp_path, one_thread):
     _, sam = cytology
-    opts = ["MODEL.SAM.CHECKPOINT", sam, "DATASETS.TRAIN", "('reference_train',)"]
+    opts = [
+        "MODEL.SAM.CHECKPOINT",
+        sam,
+        "DATASETS.TRAIN",
+        "('reference_train',)",
+        "DATASETS.TEST",
+        "()",
+    ]
     opts += [
         "SOLVER.EPOCHS",
         0,
