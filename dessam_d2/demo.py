@@ -40,6 +40,7 @@ from .config import (
     score_thresholds_per_test_set,
 )
 from .data import DESSAMDatasetMapper, default_dataset_root, make_synthetic_cytology
+from .data.image_io import read_image_rgb
 from .engine import Trainer
 from .inference.predictor import Predictor, predict_images
 from .reference import ReferenceTrainer, reference_config
@@ -216,7 +217,7 @@ def comparison_picture(cfg, model, dataset_name: str, path: str, index: int = 0,
     record = DatasetCatalog.get(dataset_name)[index]
     inputs = DESSAMDatasetMapper(cfg, is_train=False)(record)
     h, w = record["height"], record["width"]
-    image = cv2.cvtColor(cv2.imread(record["file_name"]), cv2.COLOR_BGR2RGB)
+    image = read_image_rgb(record["file_name"])
     scale_in = inputs["image"].shape[-1] / w
     boxes = torch.as_tensor(gt_boxes_of(record), dtype=torch.float32) * scale_in
     model.eval()
