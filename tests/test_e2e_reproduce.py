@@ -17,8 +17,8 @@ from test_data_cnseg import _label
 from test_data_isbi2014 import _write_v73
 
 from dessam_d2.cli import run_cli
-from dessam_d2.reproduce import main, parse_args, train_command
-from dessam_d2.reproduce_tables import write_tables
+from dessam_d2.recipes.reproduce import main, parse_args, train_command
+from dessam_d2.recipes.reproduce_tables import write_tables
 
 TINY = [
     "MODEL.SAM.VARIANT", "custom",

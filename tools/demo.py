@@ -17,7 +17,7 @@ def main():
     p.add_argument("--config-file", default="configs/dessam_demo.yaml")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args()
-    from dessam_d2.demo import run_demo  # after parsing: --help needs no torch
+    from dessam_d2.recipes.demo import run_demo  # after parsing: --help needs no torch
 
     run_cli(run_demo, args.config_file, args.opts)
 

@@ -24,7 +24,7 @@ def main():
     args = p.parse_args()
 
     import dessam_d2.cli  # noqa: F401  (first: silences fvcore's torch.jit warning)
-    from dessam_d2.demo import ensure_synthetic_data, spread_report
+    from dessam_d2.recipes.demo import ensure_synthetic_data, spread_report
 
     ensure_synthetic_data()  # once, before runs start in parallel
     runs, pending = [], []

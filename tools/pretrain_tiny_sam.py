@@ -45,7 +45,7 @@ def main():
 
     from dessam_d2.cli import run_cli
     from dessam_d2.config import load_config
-    from dessam_d2.tiny_sam import pretrain_tiny_sam
+    from dessam_d2.recipes.pretrain_tiny_sam import pretrain_tiny_sam
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)

@@ -12,7 +12,7 @@ python tools/reproduce_paper.py --sam-checkpoint weights/sam_vit_b_01ec64.pth \\
 import sys
 
 from dessam_d2.cli import run_cli
-from dessam_d2.reproduce import main, parse_args
+from dessam_d2.recipes.reproduce import main, parse_args
 
 if __name__ == "__main__":
     args = parse_args(sys.argv[1:])  # before anything heavy: --help answers at once

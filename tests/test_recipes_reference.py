@@ -7,13 +7,13 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import GeneralizedRCNN
 
-from dessam_d2.box_prior import ellipse_instances, gt_boxes_of, inscribed_ellipses
 from dessam_d2.config import load_config
 from dessam_d2.data import register_nuclei_coco
 from dessam_d2.data.synthetic import generate_synthetic_dataset
 from dessam_d2.engine import Trainer
-from dessam_d2.reference import MaskSupervisedMapper, ReferenceTrainer, reference_config
-from dessam_d2.tiny_sam import build_sam_parts, save_sam_checkpoint
+from dessam_d2.recipes.box_prior import ellipse_instances, gt_boxes_of, inscribed_ellipses
+from dessam_d2.recipes.pretrain_tiny_sam import build_sam_parts, save_sam_checkpoint
+from dessam_d2.recipes.reference import MaskSupervisedMapper, ReferenceTrainer, reference_config
 
 
 def test_the_inscribed_ellipse_fills_pi_over_4_of_its_box_and_stays_inside():

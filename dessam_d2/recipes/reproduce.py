@@ -42,7 +42,8 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-from .errors import InputNotFoundError, RunFailedError
+from ..errors import InputNotFoundError, RunFailedError
+from ..utils.io import atomic_open
 from .reproduce_tables import (
     BF16_RESULTS_FILE,
     METRICS,
@@ -56,7 +57,6 @@ from .reproduce_tables import (
     run_dir,
     write_tables,
 )
-from .utils.io import atomic_open
 
 # The data, config and metric modules load Detectron2 and torch: they are imported where used,
 # so that --help and argument errors answer at once.
@@ -65,7 +65,7 @@ __all__ = ["SETTINGS", "SPLITS", "RunFailedError", "main", "parse_args", "build_
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_NET = os.path.join(REPO_ROOT, "tools", "train_net.py")
 BF16_DIR = "bfloat16"  # a run's bfloat16 evaluation (--bf16), inside its folder
 SCORED = METRICS + ("AJI+", "objDice")  # what results.json keeps per test set and protocol
@@ -137,7 +137,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _json_path(root: str, name: str) -> str:
-    from .data.datasets import BUILTIN_DATASETS
+    from ..data.datasets import BUILTIN_DATASETS
 
     return os.path.join(root, BUILTIN_DATASETS[name][0])
 
@@ -165,9 +165,9 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def prepare_data(args: argparse.Namespace, root: str) -> None:
     """Convert CNSeg / ISBI 2014 under ``root`` unless their annotation files are there."""
-    from .data.cnseg import convert_cnseg
-    from .data.datasets import SUBSET_DATASETS, subset_coco
-    from .data.isbi2014 import convert_isbi2014
+    from ..data.cnseg import convert_cnseg
+    from ..data.datasets import SUBSET_DATASETS, subset_coco
+    from ..data.isbi2014 import convert_isbi2014
 
     jobs = (
         (
@@ -224,7 +224,7 @@ def train_command(
 ) -> List[str]:
     """The ``tools/train_net.py`` command of one run: training (resumed), or with ``bf16_eval``
     the bfloat16 evaluation of its final model into ``<run>/bfloat16``."""
-    from .data.datasets import SUBSET_DATASETS
+    from ..data.datasets import SUBSET_DATASETS
 
     cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(REPO_ROOT, SETTINGS[setting])]
     # --resume continues an interrupted run; starts afresh when nothing is saved
@@ -259,7 +259,7 @@ def train_command(
 
 
 def _clusterseg_tests(targetb: str) -> List[str]:
-    from .config import load_config
+    from ..config import load_config
 
     # the config's order, which its DATASETS.TEST_SCORE_THRESH follows
     names = load_config(os.path.join(REPO_ROOT, SETTINGS["clusterseg"])).DATASETS.TEST
@@ -270,7 +270,7 @@ def collect_results(directory: str) -> Dict:
     """Mean Dice / AJI / PQ / AJI+ / objDice per test set of a finished run, from the per-image
     CSVs of its final evaluation, with the test sets and thresholds of its config.yaml; under
     ``"release"`` the same under the release's protocol (the CSVs' ``release_*`` columns)."""
-    from .evaluation.metrics import mean_metrics
+    from ..evaluation.metrics import mean_metrics
 
     with open(os.path.join(directory, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
@@ -356,7 +356,7 @@ def run_bf16(args: argparse.Namespace, root: str, main_machine: bool, env: Dict)
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     """Everything ``tools/reproduce_paper.py`` does; returns the Markdown tables (machine 0)."""
-    from .data.datasets import default_dataset_root
+    from ..data.datasets import default_dataset_root
 
     args = parse_args(argv)
     check_inputs(args)

@@ -15,10 +15,10 @@ from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .data.image_io import read_image_rgb
-from .data.mapper import sam_model_input
-from .engine import Trainer
-from .modeling.sam_weights import read_sam_state_dict
+from ..data.image_io import read_image_rgb
+from ..data.mapper import sam_model_input
+from ..engine import Trainer
+from ..modeling.sam_weights import read_sam_state_dict
 
 __all__ = ["reference_config", "ReferenceTrainer", "MaskSupervisedMapper"]
 

@@ -14,7 +14,11 @@ from dessam_d2.config import load_config
 from dessam_d2.data import synthetic, synthetic_shapes
 from dessam_d2.data.synthetic_shapes import render_shapes_scene
 from dessam_d2.modeling.sam_weights import load_sam_checkpoint
-from dessam_d2.tiny_sam import build_sam_parts, pretrain_tiny_sam, tie_attention_keys
+from dessam_d2.recipes.pretrain_tiny_sam import (
+    build_sam_parts,
+    pretrain_tiny_sam,
+    tie_attention_keys,
+)
 
 SHAPES = ["MODEL.SAM.CHECKPOINT", "", "MODEL.SAM.IMAGE_SIZE", 64, "MODEL.SAM.ENCODER_EMBED_DIM", 32]
 SHAPES += ["MODEL.SAM.ENCODER_WINDOW_SIZE", 4, "MODEL.SAM.PROMPT_EMBED_DIM", 32]

@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .utils.io import atomic_open
+from ..utils.io import atomic_open
 
 __all__ = ["SPLITS", "SETTINGS", "Split", "build_tables", "run_dir", "write_tables"]
 

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode
 from torch import nn
 
-from .data.synthetic_shapes import render_shapes_scene
-from .modeling.fast_decoder import SharedImageDecoder
-from .modeling.losses import soft_dice_loss
-from .modeling.prompt_mask_head import build_sam_prompt_modules
-from .modeling.sam_backbone import SAMImageEncoder, sam_encoder_shape
-from .modeling.sam_weights import load_sam_checkpoint
-from .utils.io import atomic_open
+from ..data.synthetic_shapes import render_shapes_scene
+from ..modeling.fast_decoder import SharedImageDecoder
+from ..modeling.losses import soft_dice_loss
+from ..modeling.prompt_mask_head import build_sam_prompt_modules
+from ..modeling.sam_backbone import SAMImageEncoder, sam_encoder_shape
+from ..modeling.sam_weights import load_sam_checkpoint
+from ..utils.io import atomic_open
 
 logger = logging.getLogger(__name__)
 

@@ -32,19 +32,19 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
-from .box_prior import ellipse_instances, gt_boxes_of
-from .config import (
+from ..config import (
     apply_epoch_schedule,
     load_config,
     num_training_images,
     score_thresholds_per_test_set,
 )
-from .data import DESSAMDatasetMapper, default_dataset_root, make_synthetic_cytology
-from .data.image_io import read_image_rgb
-from .engine import Trainer
-from .inference.predictor import Predictor, predict_images
+from ..data import DESSAMDatasetMapper, default_dataset_root, make_synthetic_cytology
+from ..data.image_io import read_image_rgb
+from ..engine import Trainer
+from ..inference.predictor import Predictor, predict_images
+from ..utils.io import atomic_open
+from .box_prior import ellipse_instances, gt_boxes_of
 from .reference import ReferenceTrainer, reference_config
-from .utils.io import atomic_open
 
 logger = logging.getLogger("dessam_d2.demo")
 
@@ -132,7 +132,7 @@ def prompt_ious(record: Dict, masks: torch.Tensor) -> List[float]:
     the order of ``gt_boxes_of(record)``, original image size)."""
     from pycocotools import mask as mask_util
 
-    from .evaluation.nuclei_evaluator import segmentation_to_rle
+    from ..evaluation.nuclei_evaluator import segmentation_to_rle
 
     h, w = record["height"], record["width"]
     annotations = [a for a in record.get("annotations", []) if a.get("iscrowd", 0) == 0]
@@ -212,7 +212,7 @@ def comparison_picture(cfg, model, dataset_name: str, path: str, index: int = 0,
     enlarged ``scale`` times so outlines are visible. Returns the path."""
     import cv2
 
-    from .evaluation.nuclei_evaluator import annotations_to_label_map
+    from ..evaluation.nuclei_evaluator import annotations_to_label_map
 
     record = DatasetCatalog.get(dataset_name)[index]
     inputs = DESSAMDatasetMapper(cfg, is_train=False)(record)
