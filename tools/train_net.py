@@ -21,7 +21,8 @@ from dessam_d2.cli import add_launch_arguments, launch_cli
 def main(args):
     # Imported here, after parsing: --help and usage errors need no torch.
     from dessam_d2.data.user_datasets import register_user_datasets, require_outlines
-    from dessam_d2.engine import DESSAMCheckpointer, Trainer, setup
+    from dessam_d2.engine import Trainer, setup
+    from dessam_d2.modeling.checkpointer import DESSAMCheckpointer
 
     # here, not before launch: every worker process registers the names for itself
     user_datasets = register_user_datasets(args.dataset)

@@ -1,12 +1,10 @@
 """Training: Detectron2's DefaultTrainer with DES-SAM's data, evaluators, checkpointer and hooks.
 
-``checkpointer`` is light (inference loads trained models through it); ``Trainer`` and ``setup``
-are imported on first use, so that inference does not load the training stack.
+The checkpointer lives in ``dessam_d2.modeling.checkpointer`` (predicting loads trained models
+through it, without the trainer). ``Trainer`` and ``setup`` are imported on first use.
 """
 
-from .checkpointer import DESSAMCheckpointer
-
-__all__ = ["DESSAMCheckpointer", "Trainer", "set_deterministic", "setup"]
+__all__ = ["Trainer", "set_deterministic", "setup"]
 
 
 def __getattr__(name):

@@ -48,7 +48,7 @@ from ..data.mapper import DESSAMDatasetMapper
 from ..data.samplers import ResumableTrainingSampler, SeededMapDataset
 from ..errors import ConfigError, EmptyDatasetError, NonFiniteError
 from ..evaluation import build_nuclei_evaluators
-from .checkpointer import DESSAMCheckpointer
+from ..modeling.checkpointer import DESSAMCheckpointer
 from .hooks import LossLogHook, ModelFingerprintHook, ReseedHook, TokenStatsHook
 
 __all__ = ["Trainer", "setup", "set_deterministic"]

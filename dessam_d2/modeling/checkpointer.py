@@ -11,20 +11,22 @@
       another SAM variant or config) is an error, not Detectron2's warning and random weights.
 A truncated ``model_*.pth`` named in ``last_checkpoint`` (possible only when copied or written
 by something else) is an error naming both files, not a silent fall-back to an older checkpoint.
+
+``load_model`` builds the model of a config and loads trained weights into it for predicting.
 """
 
 import glob
 import logging
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..errors import CheckpointError, NonFiniteError, first_few
+from ..errors import CheckpointError, InputNotFoundError, NonFiniteError, first_few
 from ..utils.io import TEMP_SUFFIX, atomic_open, atomic_write_text, remove_stale_temp_files
 
-__all__ = ["CheckpointError", "NonFiniteError", "DESSAMCheckpointer"]
+__all__ = ["CheckpointError", "NonFiniteError", "DESSAMCheckpointer", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,3 +131,17 @@ class DESSAMCheckpointer(DetectionCheckpointer):
                 "config (MODEL.SAM.VARIANT and sizes) it was trained with"
             )
         return incompatible
+
+
+def load_model(cfg, weights: Optional[str]) -> torch.nn.Module:
+    """Build the model of ``cfg`` and load ``weights`` (a trained DES-SAM checkpoint), strictly:
+    a missing, truncated or other-config file is a one-line ``CheckpointError``. No ``weights``
+    (``None`` or ``""``) keeps the built model's weights. The model is returned in eval mode."""
+    from detectron2.modeling import build_model
+
+    model = build_model(cfg)
+    if weights:
+        if not os.path.isfile(weights):
+            raise InputNotFoundError(f"weights {weights} do not exist: pass a trained model_*.pth")
+        DESSAMCheckpointer(model).load(weights)
+    return model.eval()

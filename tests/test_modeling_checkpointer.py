@@ -1,4 +1,4 @@
-"""Trained-model checkpoints (engine/checkpointer.py): atomic saves, no NaN model, strict loads."""
+"""Trained-model checkpoints (modeling/checkpointer.py): atomic saves, no NaN model, strict load."""
 
 import os
 
@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_cfg
 from detectron2.modeling import build_model
 
-from dessam_d2.engine.checkpointer import CheckpointError, DESSAMCheckpointer, NonFiniteError
+from dessam_d2.modeling.checkpointer import CheckpointError, DESSAMCheckpointer, NonFiniteError
 
 
 def tiny_model():
