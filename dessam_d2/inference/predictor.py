@@ -359,7 +359,7 @@ def load_model_for_inference(cfg, weights: Optional[str]) -> torch.nn.Module:
     a missing, truncated or other-config file is a one-line ``CheckpointError``."""
     from detectron2.modeling import build_model
 
-    from ..engine.checkpointer import DESSAMCheckpointer
+    from ..modeling.checkpointer import DESSAMCheckpointer
 
     model = build_model(cfg)
     if weights:
