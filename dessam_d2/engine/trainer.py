@@ -36,7 +36,6 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..cli import hide_user_error_tracebacks
 from ..config import (
     apply_epoch_schedule,
     check_dataset_names,
@@ -49,6 +48,7 @@ from ..data.samplers import ResumableTrainingSampler, SeededMapDataset
 from ..errors import ConfigError, EmptyDatasetError, NonFiniteError
 from ..evaluation import build_nuclei_evaluators
 from ..modeling.checkpointer import DESSAMCheckpointer
+from ..utils.console import hide_user_error_tracebacks
 from .hooks import LossLogHook, ModelFingerprintHook, ReseedHook, TokenStatsHook
 
 __all__ = ["Trainer", "setup", "set_deterministic"]
