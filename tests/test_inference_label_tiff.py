@@ -10,14 +10,10 @@ import tifffile
 from shapely.geometry import shape
 from test_inference_slides import predictor
 
-from dessam_d2.inference.predictor import tile_starts
-from dessam_d2.inference.slides import (
-    SlideGrid,
-    label_tiff_downsamples,
-    predict_slide,
-    slide_output_paths,
-    write_label_tiff,
-)
+from dessam_d2.inference.slides import predict_slide, slide_output_paths
+from dessam_d2.inference.slides.label_tiff import label_tiff_downsamples, write_label_tiff
+from dessam_d2.inference.slides.reader import SlideGrid
+from dessam_d2.inference.tiling import tile_starts
 
 
 def read_levels(path):

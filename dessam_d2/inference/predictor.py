@@ -17,7 +17,6 @@ import csv
 import glob
 import io
 import logging
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from ..utils.io import atomic_write_bytes, atomic_write_json
 # label_polygons: imported from here by slides.py
 from .features import CSV_FIELDS, label_polygons, nucleus_features, to_geojson  # noqa: F401
 from .outlines import one_piece_per_nucleus
+from .tiling import tile_core, tile_starts
 
 logger = logging.getLogger(__name__)
 
@@ -64,23 +64,6 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
     if not unique:
         raise InputNotFoundError(f"no images found in {list(inputs)}: give files, folders or globs")
     return unique
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
-    """Start offsets of tiles of side ``tile`` covering ``length`` with at least ``overlap``."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    n = math.ceil((length - tile) / stride) + 1
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
-
-
-def tile_core(starts: List[int], index: int, tile: int, length: int) -> Tuple[int, int]:
-    """The part of tile ``index`` it owns: seams halfway through each overlap, so the cores of
-    all tiles partition [0, length) and every nucleus is kept by exactly one tile."""
-    lo = 0 if index == 0 else (starts[index] + starts[index - 1] + tile) // 2
-    hi = length if index == len(starts) - 1 else (starts[index + 1] + starts[index] + tile) // 2
-    return lo, hi
 
 
 class Predictor:

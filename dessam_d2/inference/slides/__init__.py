@@ -31,28 +31,34 @@ import logging
 import math
 import os
 import shutil
-from bisect import bisect_left, bisect_right
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
-from ..errors import InputNotFoundError, SlideError
-from ..evaluation.metrics import masks_to_label_map
-from ..utils.io import atomic_open, atomic_write_json
-from .outlines import nucleus_feature
-from .predictor import (
+from ...errors import SlideError
+from ...evaluation.metrics import masks_to_label_map
+from ...utils.io import atomic_open, atomic_write_json
+from ..outlines import nucleus_feature
+from ..predictor import (
     CSV_FIELDS,
     IMAGE_EXTENSIONS,
     Predictor,
     label_polygons,
     nucleus_features,
-    tile_core,
-    tile_starts,
+)
+from ..tiling import tile_core, tile_starts
+from .label_tiff import LABEL_TIFF_TILE, label_tiff_downsamples, write_label_tiff  # noqa: F401
+from .reader import (  # noqa: F401
+    SlideGrid,
+    level0_mpp,
+    open_slide,
+    parse_roi,
+    read_work_tile,
+    slide_grid,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,99 +103,6 @@ def split_slides(inputs: Sequence[str]) -> Tuple[List[str], List[str]]:
             elif ext in IMAGE_EXTENSIONS:
                 others.append(path)
     return list(dict.fromkeys(slides)), others
-
-
-def open_slide(path: str):
-    import openslide
-
-    if not os.path.isfile(path):
-        raise InputNotFoundError(f"slide {path} does not exist: check the path")
-    try:
-        return openslide.OpenSlide(path)
-    except (openslide.OpenSlideError, OSError) as e:
-        raise SlideError(
-            f"slide {path} cannot be opened by OpenSlide ({e}): is it complete, and a format "
-            "OpenSlide reads (svs, ndpi, mrxs, scn, tiled pyramidal tif, ...)?"
-        ) from None
-
-
-def parse_roi(text: Optional[str]) -> Optional[Tuple[int, int, int, int]]:
-    if not text:
-        return None
-    try:
-        x, y, w, h = (int(v) for v in text.split(","))
-    except ValueError:
-        raise SlideError(f"--roi {text!r}: write x,y,w,h in level-0 pixels, e.g. 0,0,4096,4096")
-    if w <= 0 or h <= 0 or x < 0 or y < 0:
-        raise SlideError(f"--roi {text!r}: x and y must be >= 0, w and h > 0")
-    return x, y, w, h
-
-
-@dataclass
-class SlideGrid:
-    """Where the work pixels come from: level ``level`` of the slide, ``scale`` level-0 pixels per
-    work pixel, the work space's level-0 ``origin`` and its ``size`` (w, h) in work pixels."""
-
-    level: int
-    scale: float
-    origin: Tuple[int, int]
-    size: Tuple[int, int]
-
-
-def slide_grid(
-    slide,
-    path: str,
-    level: Optional[int] = None,
-    mpp: Optional[float] = None,
-    slide_mpp: Optional[float] = None,
-    roi: Optional[Tuple[int, int, int, int]] = None,
-) -> SlideGrid:
-    """The level and scale for ``--level`` or ``--mpp`` (default: level 0), cut to ``--roi``."""
-    import openslide
-
-    if level is not None and mpp is not None:
-        raise SlideError("give --level or --mpp, not both")
-    if level is not None:
-        if not 0 <= level < slide.level_count:
-            raise SlideError(
-                f"slide {path} has levels 0..{slide.level_count - 1}; --level {level} is not one"
-            )
-        scale = float(slide.level_downsamples[level])
-    elif mpp is not None:
-        base = slide_mpp or float(slide.properties.get(openslide.PROPERTY_NAME_MPP_X, 0) or 0)
-        if base <= 0:
-            raise SlideError(
-                f"slide {path} does not say its resolution ({openslide.PROPERTY_NAME_MPP_X}): "
-                "pass --slide-mpp <its µm per pixel> with --mpp, or choose --level instead"
-            )
-        if mpp <= 0:
-            raise SlideError(f"--mpp {mpp}: a resolution in µm per pixel is > 0")
-        scale = mpp / base
-        level = slide.get_best_level_for_downsample(max(scale, 1.0))
-    else:
-        level, scale = 0, 1.0
-    width, height = slide.dimensions
-    x, y, w, h = roi or (0, 0, width, height)
-    if x >= width or y >= height:
-        raise SlideError(f"--roi starts outside slide {path} ({width} x {height} at level 0)")
-    w, h = min(w, width - x), min(h, height - y)
-    return SlideGrid(level, scale, (x, y), (max(1, int(w / scale)), max(1, int(h / scale))))
-
-
-def read_work_tile(slide, grid: SlideGrid, x: int, y: int, w: int, h: int) -> np.ndarray:
-    """The work pixels [y, y + h) x [x, x + w) as H x W x 3 uint8 RGB (transparent = white)."""
-    down = float(slide.level_downsamples[grid.level])
-    x0 = int(round(grid.origin[0] + x * grid.scale))
-    y0 = int(round(grid.origin[1] + y * grid.scale))
-    lw = max(1, int(round(w * grid.scale / down)))
-    lh = max(1, int(round(h * grid.scale / down)))
-    rgba = np.asarray(slide.read_region((x0, y0), grid.level, (lw, lh)))
-    rgb = rgba[..., :3].copy()
-    rgb[rgba[..., 3] == 0] = 255  # outside the scanned area
-    if (lw, lh) != (w, h):
-        shrink = lw > w
-        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return rgb
 
 
 def tissue_mask(slide) -> Tuple[np.ndarray, float]:
@@ -334,10 +247,6 @@ def _truncate(path: str, size: int) -> None:
         f.truncate(size)
 
 
-LABEL_TIFF_TILE = 512
-LABEL_CHUNK_CACHE = 16  # prediction tiles' labels kept loaded while the label TIFF is written
-
-
 def _save_label_chunk(
     folder: str, tile: Tile, rows: List[Dict], labels: Optional[np.ndarray], first_id: int
 ) -> None:
@@ -367,148 +276,6 @@ def _load_label_chunk(folder: str, index: int):
         return None
     with np.load(path) as z:
         return z["labels"], z["scores"], int(z["first_id"])
-
-
-def _slide_mpp(slide) -> Optional[float]:
-    import openslide
-
-    try:
-        mpp = float(slide.properties.get(openslide.PROPERTY_NAME_MPP_X, 0) or 0)
-    except ValueError:
-        return None
-    return mpp if mpp > 0 else None
-
-
-def label_tiff_downsamples(size: Tuple[int, int], tile: int = LABEL_TIFF_TILE) -> List[int]:
-    """Level 0 and reduced levels, each half the one before, until a level fits in one tile."""
-    downsamples = [1]
-    while max(-(-s // downsamples[-1]) for s in size) > tile:
-        downsamples.append(downsamples[-1] * 2)
-    return downsamples
-
-
-def _work_index(coords: np.ndarray, origin: float, scale: float, length: int) -> np.ndarray:
-    """The work pixel holding the centre of each level-0 pixel ``coords``; -1 before the work
-    area and ``length`` after it (so the result stays sorted when ``coords`` is)."""
-    index = np.floor((coords + 0.5 - origin) / scale).astype(np.int64)
-    return np.clip(index, -1, length)
-
-
-def _label_tiff_tiles(
-    size: Tuple[int, int],
-    down: int,
-    grid: SlideGrid,
-    starts: Tuple[List[int], List[int]],
-    tile_size: int,
-    load: Callable,
-    tile: int,
-) -> Iterator[np.ndarray]:
-    """The tiles of the level ``down`` times smaller than level 0, row by row: level-0 pixel
-    (``down`` * i, ``down`` * j) for pixel (i, j), i.e. nearest-neighbour downsampling of the
-    level below, taken from the prediction tiles' labels (where two tiles' nuclei overlap, the
-    higher score owns the pixel, as in one tile)."""
-    width, height = size
-    ys, xs = starts
-    y_ends = [min(y + tile_size, grid.size[1]) for y in ys]
-    x_ends = [min(x + tile_size, grid.size[0]) for x in xs]
-
-    cache: "OrderedDict[int, object]" = OrderedDict()
-
-    def chunk(index):
-        if index in cache:
-            cache.move_to_end(index)
-        else:
-            cache[index] = load(index)
-            if len(cache) > LABEL_CHUNK_CACHE:
-                cache.popitem(last=False)
-        return cache[index]
-
-    level_h, level_w = -(-height // down), -(-width // down)
-    for ty in range(0, level_h, tile):
-        rows0 = (ty + np.arange(tile)) * down  # level-0 rows of this tile row
-        wy = _work_index(rows0, grid.origin[1], grid.scale, grid.size[1])
-        wy[rows0 >= height] = grid.size[1]
-        for tx in range(0, level_w, tile):
-            cols0 = (tx + np.arange(tile)) * down
-            wx = _work_index(cols0, grid.origin[0], grid.scale, grid.size[0])
-            wx[cols0 >= width] = grid.size[0]
-            out = np.zeros((tile, tile), np.uint32)
-            best = np.full((tile, tile), -np.inf)
-            lo_y, hi_y = max(int(wy[0]), 0), int(wy[-1])
-            lo_x, hi_x = max(int(wx[0]), 0), int(wx[-1])
-            # prediction tiles overlapping work rows [lo_y, hi_y] and columns [lo_x, hi_x]
-            for iy in range(bisect_right(y_ends, lo_y), bisect_left(ys, hi_y + 1)):
-                i0, i1 = np.searchsorted(wy, [ys[iy], y_ends[iy]])
-                if i0 == i1:
-                    continue
-                for ix in range(bisect_right(x_ends, lo_x), bisect_left(xs, hi_x + 1)):
-                    j0, j1 = np.searchsorted(wx, [xs[ix], x_ends[ix]])
-                    found = chunk(iy * len(xs) + ix) if j0 < j1 else None
-                    if found is None:
-                        continue
-                    labels, scores, first_id = found
-                    local = labels[np.ix_(wy[i0:i1] - ys[iy], wx[j0:j1] - xs[ix])]
-                    score = scores[local]
-                    win = (local > 0) & (score > best[i0:i1, j0:j1])
-                    out[i0:i1, j0:j1][win] = local[win].astype(np.uint32) + (first_id - 1)
-                    best[i0:i1, j0:j1][win] = score[win]
-            yield out
-
-
-def write_label_tiff(
-    path: str,
-    size: Tuple[int, int],
-    grid: SlideGrid,
-    starts: Tuple[List[int], List[int]],
-    tile_size: int,
-    load: Callable,
-    mpp: Optional[float] = None,
-    tile: int = LABEL_TIFF_TILE,
-    progress: bool = False,
-) -> None:
-    """A tiled, pyramidal uint32 label image of the slide's level 0 (``size`` = (w, h)): 0 =
-    background, else the nucleus' id in the GeoJSON and CSV. Level 0 is the slide's level 0
-    (whatever level or resolution was predicted: each pixel takes the work pixel holding its
-    centre, as the GeoJSON outlines do); every further level is half the one before, nearest
-    neighbour, down to one tile. The levels are successive pages of the main IFD chain (level 0
-    ``subfiletype=0``, reduced ones ``subfiletype=1``) of a BigTIFF, zlib-compressed, with
-    resolution tags in pixels per centimetre when ``mpp`` is known, as OpenSlide's
-    generic-tiff, QuPath and tifffile/napari read pyramids. Written tile by tile from the
-    prediction tiles' labels (``load(tile index)`` -> (labels 1..n, scores, first id) or None,
-    at most ``LABEL_CHUNK_CACHE`` held), under a temporary name, then renamed."""
-    downsamples = label_tiff_downsamples(size, tile)
-    shapes = [(-(-size[1] // d), -(-size[0] // d)) for d in downsamples]
-    total = sum(-(-h // tile) * -(-w // tile) for h, w in shapes)
-    bar = tqdm(total=total, desc=os.path.basename(path), unit="tile", disable=not progress)
-    with atomic_open(path) as f:  # tifffile writes to the open, seekable temporary file
-        _write_label_pages(f, size, grid, starts, tile_size, load, mpp, tile, downsamples, bar)
-    bar.close()
-
-
-def _write_label_pages(path, size, grid, starts, tile_size, load, mpp, tile, downsamples, bar):
-    import tifffile
-
-    def counted(tiles):
-        for t in tiles:
-            yield t
-            bar.update(1)
-
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        for level, down in enumerate(downsamples):
-            extra = {}
-            if mpp:
-                extra = dict(resolution=(1e4 / (mpp * down),) * 2, resolutionunit="CENTIMETER")
-            tif.write(
-                counted(_label_tiff_tiles(size, down, grid, starts, tile_size, load, tile)),
-                shape=(-(-size[1] // down), -(-size[0] // down)),
-                dtype=np.uint32,
-                tile=(tile, tile),
-                photometric="minisblack",
-                compression="zlib",
-                subfiletype=0 if level == 0 else 1,
-                metadata=None,
-                **extra,
-            )
 
 
 def _slide_plan(
@@ -643,7 +410,7 @@ def predict_slide(
             starts,
             predictor.tile_size,
             lambda index: _load_label_chunk(chunks, index),
-            mpp=slide_mpp or _slide_mpp(slide),
+            mpp=slide_mpp or level0_mpp(slide),
             progress=progress,
         )
     with atomic_open(paths["csv"]) as out, open(paths["rows"], "rb") as part:
