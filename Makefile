@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv on first use.
 PY := .venv/bin/python
-SRC := dessam_d2 tools tests setup.py
+SRC := dessam_d2 tools benchmarks tests setup.py
 
 .PHONY: setup demo test lint format
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates the venv of the tools users would pick instead of DES-SAM, for tools/benchmark_peers.py:
+# Creates the venv of the tools users would pick instead of DES-SAM, for benchmarks/peers.py:
 # segment-anything (SamPredictor), micro-sam (automatic instance segmentation) and Cellpose 4
 # (Cellpose-SAM), on the same torch as the main venv. A separate venv because micro-sam pulls
 # segment-anything-py, which installs its own segment_anything/ over segment-anything's; the peers

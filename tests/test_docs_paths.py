@@ -20,8 +20,19 @@ DOCUMENTS = (
     + sorted(glob.glob("docs/*.md"))
     + sorted(glob.glob("dessam_d2/**/*.py", recursive=True))
     + sorted(glob.glob("tools/*.py"))
+    + sorted(glob.glob("benchmarks/*.py"))
 )
-FOLDERS = ("dessam_d2", "tools", "tests", "configs", "docs", "weights", "datasets", "scripts")
+FOLDERS = (
+    "dessam_d2",
+    "tools",
+    "benchmarks",
+    "tests",
+    "configs",
+    "docs",
+    "weights",
+    "datasets",
+    "scripts",
+)
 # A path starts a word (not inside a URL or another path) and ends with a letter, digit, * or >.
 PATH = re.compile(
     rf"(?<![\w./-])((?:{'|'.join(FOLDERS)})/[\w./*?<>{{}}-]*[\w*>}}]|[A-Z][A-Z_]*\.md)(?![\w/])"

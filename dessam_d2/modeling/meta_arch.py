@@ -315,7 +315,7 @@ class DESSAM(nn.Module):
         run in bfloat16 autocast, SAM's mask decoder in MODEL.DESSAM.DECODER_INFERENCE_DTYPE
         (float32 by default, see SAMPromptMaskHead.decode); every output is float32. Each part
         runs under a ``torch.profiler.record_function`` label "dessam/<part>"
-        (tools/benchmark.py).
+        (benchmarks/measure.py).
         """
         dtype = self.inference_dtype()
         images, _ = self.preprocess_image(batched_inputs)

@@ -269,7 +269,7 @@ class SAMPromptMaskHead(nn.Module):
             image_ids.append(torch.full((len(inst),), i, device=gt.device))
             prompts["teacher"] += len(uniq)
             prompts["student"] += len(pred)
-        try:  # how many prompts each decoder ran this step (metrics.json, tools/benchmark.py)
+        try:  # how many prompts each decoder ran this step (metrics.json, benchmarks/phases.py)
             get_event_storage().put_scalars(
                 **{f"mask_head/{k}_prompts": v for k, v in prompts.items()}, smoothing_hint=False
             )

@@ -37,7 +37,7 @@ class DESSAMROIHeads(StandardROIHeads):
         return ret
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
-        with record_function("dessam/box_head"):  # tools/benchmark.py reads it
+        with record_function("dessam/box_head"):  # benchmarks/measure.py reads it
             return super()._forward_box(features, proposals)
 
     @classmethod

@@ -5,7 +5,7 @@ kernel when it is freed, so each SAM encoder forward maps and page-faults its la
 (the global-attention maps alone are 12 x 4096 x 4096 floats) afresh. Serving them from the heap
 (``M_MMAP_MAX`` 0) and never trimming it (``M_TRIM_THRESHOLD`` -1, i.e. unlimited) removes those
 page faults (740k -> 49k per ViT-B forward) and speeds the forward up on a 2-core CPU (figures in
-tools/benchmark.py, docs/PERFORMANCE.md), for about 1 GB more peak RSS.
+benchmarks/run.py, docs/PERFORMANCE.md), for about 1 GB more peak RSS.
 
 ``tune_malloc()`` sets both with ``mallopt`` through ctypes: nothing is re-executed and no
 ``MALLOC_*`` variable leaks into subprocesses. Call it first thing in each process, including
@@ -32,7 +32,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 
 # The same tuning for a process that cannot call tune_malloc (another tool's Python, e.g. the
-# peers of tools/benchmark_peers.py): glibc reads these variables when the process starts.
+# peers of benchmarks/peers.py): glibc reads these variables when the process starts.
 GLIBC_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 _tuned = False

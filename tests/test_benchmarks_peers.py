@@ -1,29 +1,27 @@
-"""tools/benchmark_peers.py without the peers' venv: arguments, missing-venv error, inputs."""
+"""benchmarks/peers.py, the peers' driver, without the peers' venv: arguments, missing-venv
+error, inputs, a failed peer's row, the workers' environment, and one real worker whose peer is
+not installed."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import benchmark_peers as bp  # noqa: E402
+from benchmarks import peers as bp
 
 
 def test_arguments():
     args = bp.parse_args([])
     assert (args.peers_venv, args.threads, args.repeats, args.warmup) == (".venv-peers", 2, 3, 1)
-    assert args.only is None and not args.default_malloc and args.worker is None
+    assert args.only is None and not args.default_malloc
     argv = "--peers-venv v --threads 1 --repeats 5 --only cellpose_sam microsam_ais"
     args = bp.parse_args(argv.split() + ["--default-malloc"])
     assert (args.peers_venv, args.threads, args.repeats) == ("v", 1, 5)
     assert args.only == ["cellpose_sam", "microsam_ais"] and args.default_malloc
-    bad_argvs = (["--only", "nnunet"], ["--threads", "0"], ["--warmup", "-1"])
-    for bad in bad_argvs + (["--worker", "cellpose_sam"],):
+    for bad in (["--only", "nnunet"], ["--threads", "0"], ["--warmup", "-1"]):
         with pytest.raises(SystemExit) as exc:
             bp.parse_args(bad)
         assert exc.value.code == 2
@@ -31,9 +29,8 @@ def test_arguments():
 
 def test_missing_venv_is_one_line(tmp_path):
     missing = str(tmp_path / "no-such-venv")
-    tool = os.path.join(ROOT, "tools", "benchmark_peers.py")
     proc = subprocess.run(
-        [sys.executable, tool, "--peers-venv", missing],
+        [sys.executable, "-m", "benchmarks.peers", "--peers-venv", missing],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -46,7 +43,7 @@ def test_missing_venv_is_one_line(tmp_path):
 
 
 def test_inputs_image_and_boxes(tmp_path):
-    size = 192  # the tool uses 1024; the same code at a size that takes a second
+    size = 192  # the benchmark uses 1024; the same code at a size that takes a second
     paths = bp.make_inputs(str(tmp_path), size=size)
     for n in bp.NUCLEI:
         image = np.load(paths[f"image_{n}"])
@@ -85,3 +82,20 @@ def test_failed_peer_is_null_and_worker_env(capsys):
     assert env["OMP_NUM_THREADS"] == "3" and env["MALLOC_MMAP_MAX_"] == "0"
     assert "PYTHONPATH" not in env
     assert "MALLOC_MMAP_MAX_" not in bp.worker_env(1, default_malloc=True)
+
+
+def test_a_worker_whose_peer_is_missing_fails_with_its_error(tmp_path):
+    """The driver runs benchmarks/peers_worker.py by its path in a python without Cellpose (this
+    venv's): the row is the worker's one-line error, and its log is kept beside the inputs."""
+    pytest.importorskip("torch")
+    try:
+        import cellpose  # noqa: F401
+
+        pytest.skip("Cellpose is installed here")
+    except ImportError:
+        pass
+    args = bp.parse_args(["--threads", "1", "--repeats", "1", "--warmup", "0"])
+    env = bp.worker_env(1, default_malloc=False)
+    res = bp.run_peer("cellpose_sam_fp32", sys.executable, str(tmp_path), args, env)
+    assert res == {"error": "exit 1: ModuleNotFoundError: No module named 'cellpose'"}
+    assert "Traceback" in (tmp_path / "cellpose_sam_fp32.log").read_text()

@@ -1,9 +1,9 @@
-#!/usr/bin/env python
-"""CPU cost of the tools users would pick instead of DES-SAM, on the same input, same threads.
+"""CPU cost of the tools users would pick instead of DES-SAM, on the same input, same threads,
+from the repository root:
 
     bash scripts/setup_peers_env.sh      # once: the peers' own venv, .venv-peers (~7 GB)
-    python tools/benchmark_peers.py --peers-venv .venv-peers --threads 2 --repeats 3
-    python tools/benchmark_peers.py --only sam_predictor_100 cellpose_sam
+    python -m benchmarks.peers --peers-venv .venv-peers --threads 2 --repeats 3
+    python -m benchmarks.peers --only sam_predictor_100 cellpose_sam
 
 Peers, all ViT-based, all with random weights (no checkpoint can be downloaded here; the cost of a
 forward pass does not depend on the weights, that of the post-processing somewhat does):
@@ -19,23 +19,22 @@ forward pass does not depend on the weights, that of the post-processing somewha
   (no avx512_bf16/AMX) torch's bfloat16 matmul is ~50-200x slower than float32, so
   ``cellpose_sam`` then takes hours per image and only the float32 figure is usable.
 
-Inputs come from ``synthetic_input`` of tools/benchmark.py (1024^2, seed 0): the image with 100
-nuclei and their 100 boxes, and the image with 500 nuclei and their 500 boxes. The automatic
-peers (no boxes) segment the 100-nuclei image, the one ``sam_predictor_100`` gets.
+Inputs come from ``benchmarks.measure.synthetic_input`` (1024^2, seed 0), the benchmark's own: the
+image with 100 nuclei and their 100 boxes, and the image with 500 nuclei and their 500 boxes. The
+automatic peers (no boxes) segment the 100-nuclei image, the one ``sam_predictor_100`` gets.
 
-Each peer runs in a fresh process of the peers' venv (this script with ``--worker NAME``, which
-imports only numpy, torch and that peer), one warm-up run then ``--repeats`` timed runs; the
-figures are the median, min and max seconds per image and the process's peak RSS (``ru_maxrss``,
-model building included). Workers get ``OMP_NUM_THREADS`` and ``torch.set_num_threads`` set to
-``--threads`` and, unless ``--default-malloc``, the same glibc malloc tuning as DES-SAM's tools.
-Prints a table and, as its last line, one JSON object (seconds and GB per peer, null for a peer
-that failed, whose row says why; the exit code is then 1).
+This driver runs in the main venv; each peer runs in a fresh process of the peers' venv
+(benchmarks/peers_worker.py, which imports only numpy, torch and that peer), one warm-up run then
+``--repeats`` timed runs; the figures are the median, min and max seconds per image and the
+process's peak RSS (``ru_maxrss``, model building included). Workers get ``OMP_NUM_THREADS`` and
+``torch.set_num_threads`` set to ``--threads`` and, unless ``--default-malloc``, the same glibc
+malloc tuning as DES-SAM's tools. Prints a table and, as its last line, one JSON object (seconds
+and GB per peer, null for a peer that failed, whose row says why; the exit code is then 1).
 """
 
 import argparse
 import json
 import os
-import resource
 import signal
 import statistics
 import subprocess
@@ -43,22 +42,10 @@ import sys
 import tempfile
 import time
 
-PEERS = [
-    "sam_predictor_100",
-    "sam_predictor_500",
-    "microsam_ais",
-    "cellpose_sam",
-    "cellpose_sam_fp32",
-]
-PARTS = {
-    "sam_predictor_100": ["encoder", "decoder"],
-    "sam_predictor_500": ["encoder", "decoder"],
-    "microsam_ais": ["encoder", "decoder", "postprocess"],
-    "cellpose_sam": ["network", "masks"],
-    "cellpose_sam_fp32": ["network", "masks"],
-}
-NUCLEI = (100, 500)
-SAM_BATCH = 100  # boxes per predict_torch call, as segment-anything's README batches them
+from benchmarks import peers_worker
+from benchmarks.peers_worker import NUCLEI, PARTS, PEERS
+
+WORKER = os.path.abspath(peers_worker.__file__)
 REFERENCE = "sam_predictor_100"
 SETUP_HINT = "bash scripts/setup_peers_env.sh"
 # Keeps every peer from reaching a model hub: a download attempt fails instead of hanging.
@@ -83,18 +70,10 @@ def parse_args(argv=None):
         help="glibc's default allocator in the workers (default: DES-SAM's malloc tuning)",
     )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per peer before giving up")
-    p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
-    p.add_argument("--inputs", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--threads and --repeats must be at least 1, --warmup at least 0")
-    if args.worker and not args.inputs:
-        p.error("--worker needs --inputs")
     return args
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs (main venv)
 
 
 def make_inputs(out_dir: str, size: int = 1024, seed: int = 0) -> dict:
@@ -102,8 +81,7 @@ def make_inputs(out_dir: str, size: int = 1024, seed: int = 0) -> dict:
     import numpy as np
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchmark import synthetic_input
+    from benchmarks.measure import synthetic_input
 
     paths = {}
     threads = torch.get_num_threads()
@@ -120,150 +98,6 @@ def make_inputs(out_dir: str, size: int = 1024, seed: int = 0) -> dict:
             paths[f"{kind}_{n}"] = os.path.join(out_dir, f"{kind}_{n}.npy")
             np.save(paths[f"{kind}_{n}"], arr)
     return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# Workers (peers venv: numpy, torch and the peer's package only)
-
-
-def _load(inputs: str, n: int):
-    import numpy as np
-
-    return np.load(os.path.join(inputs, f"image_{n}.npy")), np.load(
-        os.path.join(inputs, f"boxes_{n}.npy")
-    )
-
-
-def build_sam_predictor(inputs: str, n: int):
-    import torch
-    from segment_anything import SamPredictor, sam_model_registry
-
-    image, boxes = _load(inputs, n)
-    boxes = torch.from_numpy(boxes)
-    predictor = SamPredictor(sam_model_registry["vit_b"](checkpoint=None).eval())
-
-    def run():
-        t0 = time.perf_counter()
-        predictor.set_image(image)
-        t1 = time.perf_counter()
-        for i in range(0, len(boxes), SAM_BATCH):
-            batch = predictor.transform.apply_boxes_torch(boxes[i : i + SAM_BATCH], image.shape[:2])
-            masks, _, _ = predictor.predict_torch(
-                point_coords=None, point_labels=None, boxes=batch, multimask_output=False
-            )
-            assert masks.shape[0] == len(batch)
-        t2 = time.perf_counter()
-        return {"encoder": t1 - t0, "decoder": t2 - t1}
-
-    return run
-
-
-def build_microsam_ais(inputs: str):
-    from micro_sam import util
-    from micro_sam.instance_segmentation import (
-        DecoderAdapter,
-        get_instance_segmentation_generator,
-        get_unetr,
-    )
-
-    image, _ = _load(inputs, NUCLEI[0])
-    # micro-sam's ViT-B SAM (util.get_sam_model builds it the same way, then loads a checkpoint)
-    predictor = util.SamPredictor(util.sam_model_registry["vit_b"]().to("cpu"))
-    # get_decoder(image_encoder, decoder_state) without a decoder state: a random UNETR decoder
-    unetr = get_unetr(predictor.model.image_encoder, decoder_state=None, device="cpu")
-    segmenter = get_instance_segmentation_generator(
-        predictor, is_tiled=False, decoder=DecoderAdapter(unetr), segmentation_mode="ais"
-    )
-
-    def run():
-        # the steps of micro_sam.automatic_segmentation.automatic_instance_segmentation in 2D
-        t0 = time.perf_counter()
-        embeddings = util.precompute_image_embeddings(predictor, image, ndim=2, verbose=False)
-        t1 = time.perf_counter()
-        segmenter.initialize(image, image_embeddings=embeddings)
-        t2 = time.perf_counter()
-        segmentation = segmenter.generate()
-        t3 = time.perf_counter()
-        assert segmentation.shape == image.shape[:2]
-        return {"encoder": t1 - t0, "decoder": t2 - t1, "postprocess": t3 - t2}
-
-    return run
-
-
-def build_cellpose_sam(inputs: str, bfloat16: bool = True):
-    import torch
-    from cellpose.models import CellposeModel
-    from cellpose.vit import CPSAM
-
-    image, _ = _load(inputs, NUCLEI[0])
-    weights = os.path.join(inputs, "cpsam_random.pth")
-    if not os.path.exists(weights):
-        CPSAM().save_model(weights)  # random float32 weights, as Cellpose saves its models
-    # its normal loading path: builds CPSAM, cast to bfloat16 unless told not to, loads the file
-    model = CellposeModel(
-        gpu=False, pretrained_model=weights, device=torch.device("cpu"), use_bfloat16=bfloat16
-    )
-    parts = {}
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                parts[name] = parts.get(name, 0.0) + time.perf_counter() - t
-
-        return wrapper
-
-    model._run_net = timed("network", model._run_net)
-    model._compute_masks = timed("masks", model._compute_masks)
-
-    def run():
-        parts.clear()
-        masks = model.eval(image)[0]
-        assert masks.shape == image.shape[:2]
-        return dict(parts)
-
-    return run
-
-
-def worker(args) -> int:
-    """Builds one peer, runs it once to warm up, then ``--repeats`` times; one JSON line out."""
-    import numpy  # noqa: F401  (fails early and clearly in a venv without it)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    name = args.worker
-    if name.startswith("sam_predictor_"):
-        build = lambda: build_sam_predictor(args.inputs, int(name.rsplit("_", 1)[1]))  # noqa: E731
-    else:
-        build = {
-            "microsam_ais": lambda: build_microsam_ais(args.inputs),
-            "cellpose_sam": lambda: build_cellpose_sam(args.inputs),
-            "cellpose_sam_fp32": lambda: build_cellpose_sam(args.inputs, bfloat16=False),
-        }[name]
-    t = time.perf_counter()
-    with torch.no_grad():
-        run = build()
-        build_s = time.perf_counter() - t
-        for _ in range(args.warmup):
-            run()
-        times, parts = [], []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            parts.append(run())
-            times.append(time.perf_counter() - t)
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
-    out = {"times": times, "parts": parts, "rss_gb": rss_gb, "build_s": build_s}
-    out["torch"] = torch.__version__
-    out["threads"] = torch.get_num_threads()
-    print(json.dumps(out), flush=True)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Driver (main venv)
 
 
 def cpu_info() -> dict:
@@ -309,7 +143,7 @@ def one_line(text: str) -> str:
 
 
 def run_peer(name: str, python: str, inputs: str, args, env: dict) -> dict:
-    cmd = [python, os.path.abspath(__file__), "--worker", name, "--inputs", inputs]
+    cmd = [python, WORKER, name, "--inputs", inputs]
     cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
     cmd += ["--warmup", str(args.warmup)]
     log = os.path.join(inputs, f"{name}.log")
@@ -385,7 +219,8 @@ def report(rows: dict, args, cpu: dict) -> dict:
     return summary
 
 
-def main(args) -> int:
+def main(argv=None) -> int:
+    args = parse_args(argv)
     python = os.path.join(args.peers_venv, "bin", "python")
     if not os.access(python, os.X_OK):
         print(
@@ -411,10 +246,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    _args = parse_args()
-    if _args.worker:
-        # only numpy, torch and the peer: never this repository's packages or tools/ modules
-        here = os.path.dirname(os.path.abspath(__file__))
-        sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
-        sys.exit(worker(_args))
-    sys.exit(main(_args))
+    sys.exit(main())

@@ -1,21 +1,21 @@
-#!/usr/bin/env python
-"""Peak memory of whole-slide prediction on two synthetic slides of different sizes.
+"""Peak memory of whole-slide prediction on two synthetic slides of different sizes, from the
+repository root:
 
-    python tools/benchmark_slides.py --sizes 2048 6144 --work /tmp/slide_bench
+    python -m benchmarks.slides --sizes 2048 6144 --work /tmp/slide_bench
 
-Writes square synthetic cytology slides (dessam_d2/data/synthetic_slide.py) and runs
+Writes square synthetic cytology slides (dessam_d2/data/synthetic/slide.py) and runs
 tools/predict.py on each in its own process (the demo's tiny SAM with random weights, level 0),
 reporting the process' peak RSS (ru_maxrss of that child alone), the tiles, nuclei and seconds.
 Flat peak RSS across sizes is what streaming promises. The last line is one JSON object.
 
-    python tools/benchmark_slides.py --sizes 4096 8192 --label-tiff both --tile-size 1024 \
+    python -m benchmarks.slides --sizes 4096 8192 --label-tiff both --tile-size 1024 \
         MODEL.SAM.IMAGE_SIZE 128 MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0 \
         MODEL.DESSAM.MASK_LOGIT_THRESHOLD 0.06
 
 runs each size without and with --label-tiff; the overrides make the random model return
 nuclei (blobs of its random masks), so the per-nucleus outputs and the label TIFF are exercised.
 
-    python tools/benchmark_slides.py --writer-only --sizes 8192 32768
+    python -m benchmarks.slides --writer-only --sizes 8192 32768
 
 measures the label TIFF writer alone (``write_label_tiff``), each size in its own process, on
 a grid of 1024-px prediction tiles (128 px overlap) of 256 disc nuclei each: ids run past
@@ -42,8 +42,9 @@ def write_synthetic_label_tiff(side: int, work: str) -> int:
     """write_label_tiff on a side x side slide of 1024-px prediction tiles, 256 nuclei each."""
     import numpy as np
 
-    from dessam_d2.inference.predictor import tile_starts
-    from dessam_d2.inference.slides import SlideGrid, write_label_tiff
+    from dessam_d2.inference.slides.label_tiff import write_label_tiff
+    from dessam_d2.inference.slides.reader import SlideGrid
+    from dessam_d2.inference.tiling import tile_starts
 
     tile = 1024
     starts = tile_starts(side, tile, 128)
@@ -64,7 +65,7 @@ def measure_writer(sizes, work: str) -> int:
     os.makedirs(work, exist_ok=True)
     results = []
     for side in sizes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--writer-child", str(side)]
+        cmd = [sys.executable, "-m", "benchmarks.slides", "--writer-child", str(side)]
         start = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-c", MEASURE] + cmd + ["--work", work],
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         return write_synthetic_label_tiff(args.writer_child, args.work)
     if args.writer_only:
         return measure_writer(args.sizes, args.work)
-    from dessam_d2.data.synthetic_slide import write_synthetic_slide
+    from dessam_d2.data.synthetic.slide import write_synthetic_slide
 
     os.makedirs(args.work, exist_ok=True)
     results = []

@@ -1,0 +1,33 @@
+"""benchmarks/phases.py on the demo model: every phase runs in process (it imports what it uses)
+and follows the config's input size; the shared-work decoder matches segment-anything's."""
+
+from conftest import DEMO
+
+from benchmarks import phases
+
+
+def test_encoder_phase(one_thread):
+    out = phases.phase_encoder(DEMO, repeats=1, bf16="never")
+    assert out["encoder_s"] > 0 and "encoder_bf16_s" not in out
+
+
+def test_decoder_phase_matches_segment_anythings_in_float32(one_thread):
+    out = phases.phase_decoder(DEMO, repeats=1, decoder_nuclei=4, reference_nuclei=2)
+    assert out["decoder_fast_fp32_max_abs_diff"] < 1e-4
+    assert out["decoder_fast_fp32_min_mask_iou"] == 1.0
+    assert out["decoder_fast_bf16_ms_per_nucleus"] > 0
+    assert set(out["decoder_breakdown"]) == {"reference", "fast"}
+
+
+def test_infer_phase_keeps_exactly_n_boxes(one_thread):
+    out = phases.phase_infer(DEMO, repeats=1, infer_nuclei=[3], bf16="never")
+    assert out["infer_3_s"] > 0  # the detector kept exactly 3 boxes (else raises)
+    assert set(out["infer_3_parts"]) == set(phases.INFER_PARTS)
+    assert out["peak_rss_infer_3_gb"] > 0
+
+
+def test_cached_train_phase_hits_the_cache(one_thread):
+    out = phases.phase_train(DEMO, repeats=1, train_nuclei=3, cached=True)
+    assert (out["cache"]["misses"], out["cache"]["hits"]) == (1, 1)  # warm-up, timed step
+    assert out["student_prompts"] > 0 and out["teacher_prompts"] == 3
+    assert out["step_s"] > 0 and out["first_losses"]

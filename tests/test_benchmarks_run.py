@@ -1,0 +1,124 @@
+"""benchmarks/run.py, the driver: a phase runs in process and prints one JSON line, the peers'
+figures are merged in or skipped with one line, the figures and ratios are collected from the
+phases; every benchmarks module imports without torch and without output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import DEMO, ROOT
+
+from benchmarks import run
+
+MODULES = ["measure", "phases", "report", "run", "peers", "peers_worker", "slides"]
+
+
+def test_every_module_imports_without_torch_or_output():
+    code = (
+        "import sys\n"
+        f"for m in {MODULES!r}: __import__('benchmarks.' + m)\n"
+        "heavy = [m for m in ('torch', 'detectron2', 'numpy') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+
+
+def test_a_phase_prints_one_json_line(one_thread, capsys):
+    argv = ["--config-file", DEMO, "--threads", "1", "--quick", "--bf16", "never"]
+    assert run.main(argv + ["--phase", "encoder"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["encoder_s"] > 0 and out["peak_rss_gb"] > 0
+
+
+def args(venv):
+    return run.parse_args(["--peers-venv", str(venv), "--threads", "1", "--repeats", "1"])
+
+
+def test_peers_are_skipped_with_one_line_when_the_venv_is_missing_or_they_fail(
+    tmp_path, monkeypatch, capsys
+):
+    assert run.run_peers(args(tmp_path / "no_venv")) == {}
+    err = capsys.readouterr().err
+    assert "no virtualenv" in err and err.strip().count("\n") == 0
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text("")
+    tool = tmp_path / "peers.py"
+    tool.write_text("import sys\nprint('not json')\nsys.exit(1)\n")
+    monkeypatch.setattr(run, "PEERS_COMMAND", [sys.executable, str(tool)])
+    assert run.run_peers(args(tmp_path)) == {}
+    assert "peers failed (exit 1), skipped" in capsys.readouterr().err
+
+
+def test_peer_figures_are_merged_and_set_against_sams_predictor(tmp_path, monkeypatch, capsys):
+    figures = {"sam_predictor_100_s": 2.0, "sam_predictor_500_s": 6.0, "microsam_ais_s": 9.0}
+    figures.update(cellpose_sam_s=4.0, cellpose_sam_rss_gb=1.5)
+    tool = tmp_path / "peers.py"
+    tool.write_text(
+        "import sys\n"
+        "assert sys.argv[1:3] == ['--peers-venv', %r]\n"
+        "print('| peer | s |')\n"
+        "print(%r)\n" % (str(tmp_path), json.dumps(figures))
+    )
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text("")
+    monkeypatch.setattr(run, "PEERS_COMMAND", [sys.executable, str(tool)])
+    peers = run.run_peers(args(tmp_path))
+    assert peers == figures
+    assert "| peer | s |" in capsys.readouterr().out
+    r = {"infer_100_s": 3.0, "infer_500_s": 5.0, "infer_100_bf16_s": None, **peers}
+    ratios = run.peer_ratios(r)
+    assert ratios["infer_100_s"] == pytest.approx(1.5) and ratios["cellpose_sam_s"] == 2.0
+    assert "infer_100_bf16_s" not in ratios and ratios["sam_predictor_100_s"] == 1.0
+
+
+def phase_outputs():
+    """What the phases return (figures invented), the peak RSS readings included."""
+    losses = {"loss_cls": 1.0, "loss_distill": 0.5}
+    train = {"teacher_prompts": 50, "student_prompts": 80, "first_losses": losses}
+    train.update(embeddings_s=2.0, teacher_s=0.5, student_fwd_s=1.0, backward_s=3.0)
+    enc = {"encoder_s": 4.0, "peak_rss_gb": 2.0}
+    unc = {**train, "step_s": 8.0, "peak_rss_gb": 3.0}
+    cac = {**train, "step_s": 6.0, "peak_rss_gb": 2.5, "embeddings_s": None}
+    cac["first_losses"] = {"loss_cls": 1.001, "loss_distill": 0.5}
+    cac["cache"] = {"hits": 1, "misses": 1}
+    inf = {"peak_rss_gb": 2.4}
+    for n, s in ((10, 5.0), (100, 6.0), (500, 10.0)):
+        inf[f"infer_{n}_s"], inf[f"peak_rss_infer_{n}_gb"] = s, 2.0 + n / 1000
+        inf[f"infer_{n}_parts"] = {"encoder": 4.0, "mask_decoder": s - 4.5, "pyramid": None}
+        if n >= 100:
+            inf[f"infer_{n}_bf16_decoder_s"] = s - 1
+    dec = {"decoder_logit_abs_max": 3.0, "peak_rss_gb": 1.0}
+    for name, ms in (("fast_fp32", 10.0), ("fast_bf16", 5.0), ("reference", 30.0)):
+        dec[f"decoder_{name}_ms_per_nucleus"] = ms
+    dec.update(decoder_fast_fp32_max_abs_diff=1e-6, decoder_fast_fp32_min_mask_iou=1.0)
+    dec["decoder_breakdown"] = {"reference": {"total": 30.0}, "fast": {"total": 10.0}}
+    return enc, unc, cac, inf, dec
+
+
+def test_the_figures_and_their_ratios_to_the_encoder():
+    a = run.parse_args(["--bf16", "never", "--threads", "2", "--repeats", "1"])
+    enc, unc, cac, inf, dec = phase_outputs()
+    r = run.summarize(a, enc, unc, cac, inf, dec, peers={})
+    assert r["train_step_cached_ratio"] == 1.5 and r["infer_500_ratio"] == 2.5
+    assert r["infer_100_bf16_decoder_ratio"] == 1.25 and r["infer_100_bf16_ratio"] is None
+    assert r["peak_rss_infer_500_ratio"] == 1.25 and r["decoder_ms_per_nucleus"] == 10.0
+    assert r["fp16_cache_loss_rel_change"]["loss_cls"] == pytest.approx(1e-3)
+    assert (r["threads"], r["repeats"], r["bf16_phases"]) == (2, 1, "never")
+    assert "ratio_to_sam_predictor_100" not in r
+    json.dumps(r)
+    peers = {"sam_predictor_100_s": 12.0}
+    r = run.summarize(a, enc, unc, cac, inf, dec, peers)
+    assert r["ratio_to_sam_predictor_100"]["infer_100_s"] == 0.5
+
+
+def test_arguments():
+    a = run.parse_args([])
+    assert (a.repeats, a.quick, a.bf16, a.phase) == (3, False, "auto", None)
+    assert run.parse_args(["--quick"]).repeats == 1
+    assert os.path.isfile(os.path.join(ROOT, a.config_file))
