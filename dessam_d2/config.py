@@ -18,7 +18,6 @@ from detectron2.config import get_cfg
 from .errors import ConfigError
 
 __all__ = [
-    "ConfigError",
     "add_dessam_config",
     "load_config",
     "CHOICES",
@@ -31,10 +30,11 @@ __all__ = [
 
 
 def add_dessam_config(cfg: CN) -> None:
-    """Add every DES-SAM key to a Detectron2 config, with the paper's default (and register the
-    DESSAM meta-architecture and its parts with Detectron2)."""
-    from . import modeling  # noqa: F401  (registers DESSAM, its backbone, ROI heads, mask head)
+    """Add every DES-SAM key to a Detectron2 config, with the paper's default.
 
+    Keys only: the DESSAM meta-architecture and its parts are registered with Detectron2 by
+    importing ``dessam_d2.modeling`` (the engine, inference and recipes do; so does the package's
+    ``dessam_d2.add_dessam_config``, for scripts that call Detectron2's ``build_model``)."""
     _C = cfg
 
     _C.MODEL.SAM = CN()
@@ -209,10 +209,11 @@ def apply_epoch_schedule(cfg: CfgNode, num_images: int) -> None:
 
 
 def check_dataset_names(cfg: CfgNode, eval_only: bool = False) -> None:
-    """Every name of DATASETS.TRAIN/TEST is registered (else Detectron2 raises a KeyError)."""
-    from detectron2.data import DatasetCatalog
+    """Every name of DATASETS.TRAIN/TEST is registered (else Detectron2 raises a KeyError).
 
-    from . import data  # noqa: F401  (registers the built-in data sets)
+    The built-in names are registered by importing ``dessam_d2.data.datasets`` (the engine
+    does), a user's COCO files by ``register_nuclei_coco``."""
+    from detectron2.data import DatasetCatalog
 
     if not cfg.DATASETS.TRAIN and not eval_only:
         raise ConfigError("DATASETS.TRAIN is empty: name at least one registered data set")

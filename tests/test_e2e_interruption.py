@@ -18,8 +18,9 @@ import torch
 from conftest import DEMO, ROOT, SMALL  # noqa: E402
 from detectron2.modeling import build_model
 
+from dessam_d2 import modeling  # noqa: F401  (registers DESSAM for build_model)
 from dessam_d2.config import load_config
-from dessam_d2.data.synthetic import generate_synthetic_dataset
+from dessam_d2.data.synthetic.cytology import generate_synthetic_dataset
 
 NUM_IMAGES = 6
 KILL_AT = 3  # 1-based: images 1 and 2 are finished, image 3 is cut short
@@ -94,7 +95,7 @@ def test_predict_killed_mid_image_resumes_without_redoing_finished_images(worksp
 
     out = tmp_path / "out"
     kill = dict(
-        module="dessam_d2.inference.predictor", function="atomic_write_bytes", suffix="_nuclei.csv"
+        module="dessam_d2.inference.outputs", function="atomic_write_bytes", suffix="_nuclei.csv"
     )
     proc = run("predict", args + ["--output", str(out)], at=KILL_AT, **kill)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
