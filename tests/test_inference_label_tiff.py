@@ -1,7 +1,9 @@
-"""--label-tiff: the tiled pyramidal uint32 label image of a slide (tifffile, OpenSlide, ids)."""
+"""--label-tiff: the slide's label image, a tiled pyramidal OME-TIFF of uint32 nucleus ids
+(tifffile reads its OME-XML, its SubIFD levels and the ids; OpenSlide its level 0 and mpp)."""
 
 import csv
 import json
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import openslide
@@ -15,20 +17,32 @@ from dessam_d2.inference.slides.label_tiff import label_tiff_downsamples, write_
 from dessam_d2.inference.slides.reader import SlideGrid
 from dessam_d2.inference.tiling import tile_starts
 
+OME = "{http://www.openmicroscopy.org/Schemas/OME/2016-06}"
+
 
 def read_levels(path):
+    """The levels (level 0, then its SubIFDs), each level's (dtype, subfiletype, tiled,
+    XResolution), the OME-XML's Pixels attributes and the number of pages in the main chain."""
     with tifffile.TiffFile(path) as tif:
-        pages = list(tif.pages)
+        assert tif.is_ome and tif.is_bigtiff and len(tif.series) == 1
+        levels = tif.series[0].levels
+        pages = [level.keyframe for level in levels]
         info = [(p.dtype, p.subfiletype, p.is_tiled, p.tags["XResolution"].value) for p in pages]
-        return [p.asarray() for p in pages], info, len(tif.series[0].levels)
+        assert len(pages[0].subifds or ()) == len(levels) - 1  # reduced levels are SubIFDs
+        pixels = ET.fromstring(tif.ome_metadata).find(f"{OME}Image/{OME}Pixels").attrib
+        return [level.asarray() for level in levels], info, pixels, len(tif.pages)
 
 
 def test_label_tiff_holds_the_geojson_and_csv_ids(slide, tmp_path):
     predict_slide(predictor(), slide, str(tmp_path), progress=False, label_tiff=True)
     paths = slide_output_paths(str(tmp_path), slide)
-    levels, info, series_levels = read_levels(paths["label_tiff"])
-    # level 0 is the slide's level 0; 1024 px wide in 512-px tiles: one reduced level
-    assert [lv.shape for lv in levels] == [(768, 1024), (384, 512)] and series_levels == 2
+    levels, info, pixels, pages = read_levels(paths["label_tiff"])
+    # level 0 is the slide's level 0; 1024 px wide in 512-px tiles: one reduced level, a SubIFD
+    assert [lv.shape for lv in levels] == [(768, 1024), (384, 512)] and pages == 1
+    assert (pixels["SizeX"], pixels["SizeY"], pixels["Type"]) == ("1024", "768", "uint32")
+    assert (pixels["SizeC"], pixels["SizeZ"], pixels["SizeT"]) == ("1", "1", "1")
+    assert float(pixels["PhysicalSizeX"]) == float(pixels["PhysicalSizeY"]) == 0.25  # the slide's
+    assert pixels["PhysicalSizeXUnit"] == pixels["PhysicalSizeYUnit"] == "µm"
     assert [i[0] for i in info] == [np.uint32, np.uint32] and all(i[2] for i in info)
     assert [int(i[1]) for i in info] == [0, 1]
     assert [i[3] for i in info] == [(40000, 1), (20000, 1)]  # 0.25 µm/px -> px per cm
@@ -45,11 +59,13 @@ def test_label_tiff_holds_the_geojson_and_csv_ids(slide, tmp_path):
         assert label0[int(point.y), int(point.x)] == int(row["id"])
         assert feature["properties"]["name"] == f"nucleus {row['id']}"
 
-    # OpenSlide opens it as a pyramid with its resolution (its read_region, built on libtiff's
-    # RGBA interface, refuses 32-bit samples: read the labels with tifffile)
+    # OpenSlide's generic-tiff sees level 0 and the resolution, not the SubIFDs, and its
+    # read_region (libtiff's RGBA interface) refuses 32-bit samples, as the README says
     s = openslide.OpenSlide(paths["label_tiff"])
-    assert s.level_dimensions == ((1024, 768), (512, 384))
+    assert s.level_dimensions == ((1024, 768),)
     assert float(s.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.25)
+    with pytest.raises(openslide.OpenSlideError, match="32-bit"):
+        s.read_region((0, 0), 0, (8, 8))
 
 
 def square_chunk(h, w, squares):
@@ -84,8 +100,11 @@ def test_writer_keeps_ids_past_65535_overlaps_by_score_and_level_0_scale(tmp_pat
     level0_size = (2 * size[0] + 10, 2 * size[1] + 6)
     path = str(tmp_path / "labels.tif")
     write_label_tiff(path, level0_size, grid, (ys, xs), tile, load, mpp=0.5, tile=64)
-    levels, info, series_levels = read_levels(path)
-    assert len(levels) == len(label_tiff_downsamples(level0_size, 64)) == series_levels == 5
+    levels, info, pixels, pages = read_levels(path)
+    assert len(levels) == len(label_tiff_downsamples(level0_size, 64)) == 5 and pages == 1
+    assert (pixels["SizeX"], pixels["SizeY"]) == tuple(map(str, level0_size))
+    assert pixels["Type"] == "uint32" and float(pixels["PhysicalSizeX"]) == 0.5
+    assert [i[3] for i in info] == [(20000 // 2**k, 1) for k in range(5)]  # 0.5 µm/px, per cm
     yy, xx = np.mgrid[: level0_size[1], : level0_size[0]]
     wy, wx = np.floor((yy + 0.5 - 6) / 2).astype(int), np.floor((xx + 0.5 - 10) / 2).astype(int)
     inside = (wy >= 0) & (wx >= 0) & (wy < size[1]) & (wx < size[0])
@@ -96,6 +115,25 @@ def test_writer_keeps_ids_past_65535_overlaps_by_score_and_level_0_scale(tmp_pat
         assert np.array_equal(level, levels[0][:: 2**k, :: 2**k]), k
     assert [int(i[1]) for i in info] == [0, 1, 1, 1, 1]
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_without_mpp_no_physical_size_and_the_same_bytes_twice(tmp_path):
+    """A slide without µm/pixel: OME-XML without PhysicalSize; one level (fits a tile), no
+    SubIFDs; writing twice gives the same bytes (the OME UUID is not random)."""
+    grid = SlideGrid(level=0, scale=1.0, origin=(0, 0), size=(100, 60))
+    labels = square_chunk(60, 100, [(5, 20, 5, 30)])
+
+    def load(index):
+        return (labels, np.array([-1, 0.5]), 7) if index == 0 else None
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        write_label_tiff(str(folder / "labels.tif"), (100, 60), grid, ([0], [0]), 128, load)
+    levels, info, pixels, pages = read_levels(str(a / "labels.tif"))
+    assert len(levels) == 1 and pages == 1 and "PhysicalSizeX" not in pixels
+    assert set(np.unique(levels[0])) == {0, 7} and (levels[0] == 7).sum() == 15 * 25
+    assert (a / "labels.tif").read_bytes() == (b / "labels.tif").read_bytes()
 
 
 def test_a_killed_run_resumes_to_the_same_label_tiff(slide, tmp_path):

@@ -1,7 +1,8 @@
-"""The slide's label TIFF: a tiled, pyramidal uint32 label image of level 0 (pixel = nucleus id),
-written tile by tile from the prediction tiles' labels (``write_label_tiff``)."""
+"""The slide's label TIFF: a tiled, pyramidal OME-TIFF of uint32 labels of level 0 (pixel =
+nucleus id), written tile by tile from the prediction tiles' labels (``write_label_tiff``)."""
 
 import os
+import uuid
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from typing import Callable, Iterator, List, Optional, Tuple
@@ -107,22 +108,45 @@ def write_label_tiff(
     background, else the nucleus' id in the GeoJSON and CSV. Level 0 is the slide's level 0
     (whatever level or resolution was predicted: each pixel takes the work pixel holding its
     centre, as the GeoJSON outlines do); every further level is half the one before, nearest
-    neighbour, down to one tile. The levels are successive pages of the main IFD chain (level 0
-    ``subfiletype=0``, reduced ones ``subfiletype=1``) of a BigTIFF, zlib-compressed, with
-    resolution tags in pixels per centimetre when ``mpp`` is known, as OpenSlide's
-    generic-tiff, QuPath and tifffile/napari read pyramids. Written tile by tile from the
-    prediction tiles' labels (``load(tile index)`` -> (labels 1..n, scores, first id) or None,
-    at most ``LABEL_CHUNK_CACHE`` held), under a temporary name, then renamed."""
+    neighbour, down to one tile. The file is a pyramidal OME-TIFF (BigTIFF): level 0 is the only
+    page of the main IFD chain, the reduced levels are its SubIFDs (``subfiletype=1``), and the
+    first page's ImageDescription holds the OME-XML (uint32, size, ``PhysicalSizeX/Y`` in µm
+    when ``mpp`` is known), as Bio-Formats (QuPath, Fiji) and tifffile/napari read pyramids;
+    zlib-compressed, resolution tags in pixels per centimetre when ``mpp`` is known. Written
+    tile by tile from the prediction tiles' labels (``load(tile index)`` -> (labels 1..n,
+    scores, first id) or None, at most ``LABEL_CHUNK_CACHE`` held), under a temporary name,
+    then renamed. The same inputs give the same bytes (the OME UUID is derived from the file's
+    name and size), so a resumed run writes the file an uninterrupted one does."""
     downsamples = label_tiff_downsamples(size, tile)
     shapes = [(-(-size[1] // d), -(-size[0] // d)) for d in downsamples]
     total = sum(-(-h // tile) * -(-w // tile) for h, w in shapes)
     bar = tqdm(total=total, desc=os.path.basename(path), unit="tile", disable=not progress)
     with atomic_open(path) as f:  # tifffile writes to the open, seekable temporary file
-        _write_label_pages(f, size, grid, starts, tile_size, load, mpp, tile, downsamples, bar)
+        metadata = _ome_metadata(os.path.basename(path), size, mpp)
+        _write_levels(f, metadata, size, grid, starts, tile_size, load, mpp, tile, downsamples, bar)
     bar.close()
 
 
-def _write_label_pages(path, size, grid, starts, tile_size, load, mpp, tile, downsamples, bar):
+def _ome_metadata(name: str, size: Tuple[int, int], mpp: Optional[float]) -> dict:
+    """tifffile's OME-XML fields: one 2-D image named after the file, its µm per pixel when
+    known, and a UUID fixed by the name and size (tifffile's default is random)."""
+    metadata = {
+        "axes": "YX",
+        "Name": name,
+        "UUID": str(
+            uuid.uuid5(uuid.NAMESPACE_URL, f"dessam-d2/label-tiff/{name}/{size[0]}x{size[1]}")
+        ),
+    }
+    if mpp:
+        metadata.update(
+            PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm"
+        )
+    return metadata
+
+
+def _write_levels(f, metadata, size, grid, starts, tile_size, load, mpp, tile, downsamples, bar):
+    """Level 0 (with the OME-XML and room for the reduced levels as SubIFDs), then each
+    reduced level into the next SubIFD; every level from a generator of tiles."""
     import tifffile
 
     def counted(tiles):
@@ -130,11 +154,15 @@ def _write_label_pages(path, size, grid, starts, tile_size, load, mpp, tile, dow
             yield t
             bar.update(1)
 
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+    with tifffile.TiffWriter(f, bigtiff=True, ome=True) as tif:
         for level, down in enumerate(downsamples):
             extra = {}
             if mpp:
                 extra = dict(resolution=(1e4 / (mpp * down),) * 2, resolutionunit="CENTIMETER")
+            if level == 0:
+                extra.update(subifds=len(downsamples) - 1, metadata=metadata)
+            else:
+                extra.update(subfiletype=1, metadata=None)
             tif.write(
                 counted(_label_tiff_tiles(size, down, grid, starts, tile_size, load, tile)),
                 shape=(-(-size[1] // down), -(-size[0] // down)),
@@ -142,7 +170,5 @@ def _write_label_pages(path, size, grid, starts, tile_size, load, mpp, tile, dow
                 tile=(tile, tile),
                 photometric="minisblack",
                 compression="zlib",
-                subfiletype=0 if level == 0 else 1,
-                metadata=None,
                 **extra,
             )
