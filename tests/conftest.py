@@ -12,7 +12,7 @@ from detectron2.config import get_cfg
 from detectron2.structures import Boxes, Instances
 
 from dessam_d2 import add_dessam_config
-from dessam_d2.data.synthetic import synthetic_model_input
+from dessam_d2.data.synthetic.cytology import synthetic_model_input
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.chdir(ROOT)
@@ -70,7 +70,7 @@ def synthetic_input(seed=0, size=(256, 200), boxes=((20, 30, 60, 70), (100, 120,
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory):
     """A small pyramidal TIFF slide of synthetic cytology (768 x 1024, 0.25 µm/px)."""
-    from dessam_d2.data.synthetic_slide import write_synthetic_slide
+    from dessam_d2.data.synthetic.slide import write_synthetic_slide
 
     path = str(tmp_path_factory.mktemp("slide") / "cyto.tif")
     write_synthetic_slide(path, (768, 1024), seed=5, mpp=0.25)

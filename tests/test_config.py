@@ -10,13 +10,8 @@ from conftest import DEMO
 from detectron2.config import get_cfg
 
 from dessam_d2 import add_dessam_config
-from dessam_d2.config import (
-    CHOICES,
-    ConfigError,
-    apply_epoch_schedule,
-    check_dataset_names,
-    load_config,
-)
+from dessam_d2.config import CHOICES, apply_epoch_schedule, check_dataset_names, load_config
+from dessam_d2.errors import ConfigError
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
@@ -178,7 +173,7 @@ def test_the_optimizer_is_any_case_as_the_trainer_reads_it():
 
 def test_the_words_are_those_the_modules_accept():
     """CHOICES is a second list: pin it to the modules' own (a word added to one only fails)."""
-    from dessam_d2.data.mapper import _FLIPS, _FORMATS
+    from dessam_d2.data.transforms import IMAGE_FORMATS, RANDOM_FLIPS
     from dessam_d2.modeling.embedding_cache import _DTYPES
     from dessam_d2.modeling.losses import DISTILL_REDUCTIONS
     from dessam_d2.modeling.meta_arch import INFERENCE_DTYPES
@@ -191,8 +186,8 @@ def test_the_words_are_those_the_modules_accept():
     assert set(CHOICES["MODEL.DESSAM.EMBEDDING_CACHE_DTYPE"]) == set(_DTYPES)
     assert set(CHOICES["MODEL.DESSAM.DISTILL_REDUCTION"]) == set(DISTILL_REDUCTIONS)
     assert set(CHOICES["MODEL.DESSAM.STUDENT_PROMPTS"]) == set(STUDENT_PROMPTS)
-    assert set(CHOICES["INPUT.RANDOM_FLIP"]) == set(_FLIPS)
-    assert set(CHOICES["INPUT.FORMAT"]) == set(_FORMATS)
+    assert set(CHOICES["INPUT.RANDOM_FLIP"]) == set(RANDOM_FLIPS)
+    assert set(CHOICES["INPUT.FORMAT"]) == set(IMAGE_FORMATS)
 
 
 def test_the_modules_own_checks_raise_config_errors_too(cfg):

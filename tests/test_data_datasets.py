@@ -10,18 +10,16 @@ import pytest
 import scipy.io
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-import dessam_d2.data
 import dessam_d2.data.datasets as datasets_module
-from dessam_d2.data import (
-    DatasetFormatError,
-    DatasetNotFoundError,
-    EmptyDatasetError,
-    convert_cnseg,
-    convert_isbi2014,
+from dessam_d2.data.converters.cnseg import convert_cnseg
+from dessam_d2.data.converters.isbi2014 import convert_isbi2014
+from dessam_d2.data.datasets import (
+    BUILTIN_DATASETS,
     register_all_nuclei_datasets,
     register_nuclei_coco,
 )
-from dessam_d2.data.synthetic import make_synthetic_cytology
+from dessam_d2.data.synthetic.cytology import make_synthetic_cytology
+from dessam_d2.errors import DatasetFormatError, DatasetNotFoundError, EmptyDatasetError
 
 DATA_MD_NAMES = [
     "cnseg_patchseg_train",
@@ -50,7 +48,7 @@ def tmp_root(tmp_path):
 
 
 def test_every_name_is_registered_with_metadata():
-    assert set(DATA_MD_NAMES) == set(dessam_d2.data.BUILTIN_DATASETS)
+    assert set(DATA_MD_NAMES) == set(BUILTIN_DATASETS)
     for name in DATA_MD_NAMES:
         assert name in DatasetCatalog.list()
         meta = MetadataCatalog.get(name)

@@ -6,12 +6,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from dessam_d2.data.image_io import (
-    ImageNotFoundError,
-    ImageReadError,
-    read_image_rgb,
-    to_uint8,
-)
+from dessam_d2.data.image_io import read_image_rgb, to_uint8
+from dessam_d2.errors import ImageNotFoundError, ImageReadError
 
 
 def _ramp_rgb(h: int = 6, w: int = 5) -> np.ndarray:

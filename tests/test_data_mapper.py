@@ -11,7 +11,8 @@ from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from dessam_d2.data.mapper import DESSAMDatasetMapper, sam_model_input
+from dessam_d2.data.mapper import DESSAMDatasetMapper
+from dessam_d2.data.transforms import sam_model_input
 
 
 def _rgb(h, w):

@@ -21,10 +21,10 @@ from detectron2.modeling import build_model
 
 from dessam_d2.cli import run_cli
 from dessam_d2.config import load_config
-from dessam_d2.data import DatasetFormatError, EmptyDatasetError, register_nuclei_coco
-from dessam_d2.data.datasets import load_nuclei_coco
-from dessam_d2.data.synthetic import generate_synthetic_dataset, make_synthetic_cytology
+from dessam_d2.data.datasets import load_nuclei_coco, register_nuclei_coco
+from dessam_d2.data.synthetic.cytology import generate_synthetic_dataset, make_synthetic_cytology
 from dessam_d2.engine import Trainer
+from dessam_d2.errors import DatasetFormatError, EmptyDatasetError
 
 
 def load_tool(name):

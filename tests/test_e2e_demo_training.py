@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dessam_d2.config import load_config
-from dessam_d2.data import register_nuclei_coco
-from dessam_d2.data.synthetic import generate_synthetic_dataset
+from dessam_d2.data.datasets import register_nuclei_coco
+from dessam_d2.data.synthetic.cytology import generate_synthetic_dataset
 from dessam_d2.engine import Trainer
 
 ITERATIONS = 80

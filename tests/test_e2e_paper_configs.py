@@ -21,7 +21,7 @@ from detectron2.modeling import build_model
 from segment_anything import sam_model_registry
 
 from dessam_d2.config import load_config
-from dessam_d2.data.synthetic import generate_synthetic_dataset
+from dessam_d2.data.synthetic.cytology import generate_synthetic_dataset
 from dessam_d2.modeling.meta_arch import count_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from dessam_d2.data.synthetic import make_synthetic_cytology
+from dessam_d2.data.synthetic.cytology import make_synthetic_cytology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [

@@ -12,10 +12,9 @@ from detectron2.modeling import build_model
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
-from dessam_d2.data.datasets import DatasetFormatError
-from dessam_d2.data.mapper import sam_model_input
-from dessam_d2.data.synthetic import generate_synthetic_dataset
-from dessam_d2.errors import ImageReadError
+from dessam_d2.data.synthetic.cytology import generate_synthetic_dataset
+from dessam_d2.data.transforms import sam_model_input
+from dessam_d2.errors import DatasetFormatError, ImageReadError
 from dessam_d2.inference.annotate import boxes_to_masks
 from dessam_d2.inference.predictor import Predictor
 

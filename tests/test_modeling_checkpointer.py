@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_cfg
 from detectron2.modeling import build_model
 
-from dessam_d2.modeling.checkpointer import CheckpointError, DESSAMCheckpointer, NonFiniteError
+from dessam_d2.errors import CheckpointError, NonFiniteError
+from dessam_d2.modeling.checkpointer import DESSAMCheckpointer
 
 
 def tiny_model():

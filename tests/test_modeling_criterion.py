@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_modeling_losses import ref_bce, ref_dice, ref_levelset, ref_local_pairwise
 
-from dessam_d2.data.synthetic import render_synthetic_image
+from dessam_d2.data.synthetic.cytology import render_synthetic_image
 from dessam_d2.modeling.criterion import MASK_LOSSES, DESSAMCriterion
 from dessam_d2.modeling.losses import distillation_loss
 

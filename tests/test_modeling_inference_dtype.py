@@ -18,8 +18,8 @@ from conftest import DEMO, synthetic_input, tiny_cfg
 from detectron2.modeling import build_model
 
 from dessam_d2.config import load_config
-from dessam_d2.data.mapper import sam_model_input
-from dessam_d2.data.synthetic import render_synthetic_image
+from dessam_d2.data.synthetic.cytology import render_synthetic_image
+from dessam_d2.data.transforms import sam_model_input
 from dessam_d2.modeling import meta_arch
 from dessam_d2.modeling.embedding_cache import EmbeddingCache
 from dessam_d2.modeling.meta_arch import cpu_has_native_bf16, resolve_inference_dtype

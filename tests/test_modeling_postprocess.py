@@ -12,7 +12,7 @@ from conftest import tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from dessam_d2.data.mapper import sam_model_input
+from dessam_d2.data.transforms import sam_model_input
 
 
 @pytest.fixture(scope="module")

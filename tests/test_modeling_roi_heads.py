@@ -11,7 +11,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from dessam_d2.config import ConfigError, load_config
+from dessam_d2.config import load_config
+from dessam_d2.errors import ConfigError
 
 
 def student_prompts_of_one_step(cfg):

@@ -6,7 +6,8 @@ from conftest import tiny_cfg
 from detectron2.modeling import build_model
 from segment_anything import sam_model_registry
 
-from dessam_d2.modeling.sam_weights import SAMCheckpointError, load_sam_checkpoint
+from dessam_d2.errors import SAMCheckpointError
+from dessam_d2.modeling.sam_weights import load_sam_checkpoint
 
 
 @pytest.fixture(scope="module")

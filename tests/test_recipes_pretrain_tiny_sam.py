@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dessam_d2.config import load_config
-from dessam_d2.data import synthetic, synthetic_shapes
-from dessam_d2.data.synthetic_shapes import render_shapes_scene
+from dessam_d2.data.synthetic import cytology, shapes
+from dessam_d2.data.synthetic.shapes import render_shapes_scene
 from dessam_d2.modeling.sam_weights import load_sam_checkpoint
 from dessam_d2.recipes.pretrain_tiny_sam import (
     build_sam_parts,
@@ -113,11 +113,11 @@ def _functions(module):
 
 
 def test_the_pretraining_scenes_share_no_code_with_the_cytology_generator():
-    shape_names, shape_bodies, shape_imports = _functions(synthetic_shapes)
-    cyto_names, cyto_bodies, cyto_imports = _functions(synthetic)
+    shape_names, shape_bodies, shape_imports = _functions(shapes)
+    cyto_names, cyto_bodies, cyto_imports = _functions(cytology)
     assert not shape_bodies & cyto_bodies
     assert not shape_names & cyto_names
     # neither imports the other or a common project helper: only numpy/cv2/typing
     project = [i for i in shape_imports if i.startswith((".", "dessam_d2"))]
     assert not project, project
-    assert not any("synthetic_shapes" in i for i in cyto_imports)
+    assert not any("shapes" in i for i in cyto_imports)

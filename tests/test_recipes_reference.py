@@ -8,8 +8,8 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import GeneralizedRCNN
 
 from dessam_d2.config import load_config
-from dessam_d2.data import register_nuclei_coco
-from dessam_d2.data.synthetic import generate_synthetic_dataset
+from dessam_d2.data.datasets import register_nuclei_coco
+from dessam_d2.data.synthetic.cytology import generate_synthetic_dataset
 from dessam_d2.engine import Trainer
 from dessam_d2.recipes.box_prior import ellipse_instances, gt_boxes_of, inscribed_ellipses
 from dessam_d2.recipes.pretrain_tiny_sam import build_sam_parts, save_sam_checkpoint

@@ -8,11 +8,13 @@
 
 Each export is matched to the image of the same name under --image-root (a.geojson -> a.tif,
 or a.tif.geojson -> a.tif). Rectangles become boxes; other polygons become boxes and keep their
-outline (for evaluation). See dessam_d2/data/qupath.py.
+outline (for evaluation). See dessam_d2/data/converters/qupath.py. Needs no model: no torch.
 """
 
 import argparse
 import sys
+
+from dessam_d2.cli import EXIT_USER_ERROR, exit_status, run_cli
 
 
 def parse_args(argv=None):
@@ -27,14 +29,25 @@ def parse_args(argv=None):
 
 
 def main(args) -> int:
-    from dessam_d2.data.qupath import convert_qupath
+    from dessam_d2.data.converters.qupath import convert_qupath
 
     report = convert_qupath(args.geojson, args.image_root, args.output, args.classes)
-    return report.print_summary(", ".join(args.geojson))
+    return print_report(report, ", ".join(args.geojson))
+
+
+def print_report(report, source: str) -> int:
+    """Print the table and the file written; return the exit status: 0 every image converted,
+    1 some images skipped, 2 no image converted."""
+    print(report.summary())
+    if report.images:
+        return exit_status(report.images, report.skipped_images)
+    print(
+        f"error: no image of {source} could be converted (reasons in the table above): "
+        "the data sets are empty",
+        file=sys.stderr,
+    )
+    return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    from dessam_d2.cli import run_cli
-
-    sys.exit(run_cli(main, args))
+    sys.exit(run_cli(main, parse_args()))

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
 
 def make(args) -> int:
     from dessam_d2.data.datasets import default_dataset_root  # after parsing: --help is instant
-    from dessam_d2.data.synthetic import make_synthetic_cytology
+    from dessam_d2.data.synthetic.cytology import make_synthetic_cytology
 
     output = args.output or os.path.join(default_dataset_root(), "synthetic_cytology")
     written = make_synthetic_cytology(

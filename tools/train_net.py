@@ -20,7 +20,7 @@ from dessam_d2.cli import add_launch_arguments, launch_cli
 
 def main(args):
     # Imported here, after parsing: --help and usage errors need no torch.
-    from dessam_d2.data.user_datasets import register_user_datasets, require_outlines
+    from dessam_d2.data.converters.user_datasets import register_user_datasets, require_outlines
     from dessam_d2.engine import Trainer, setup
     from dessam_d2.modeling.checkpointer import DESSAMCheckpointer
 

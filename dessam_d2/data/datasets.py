@@ -1,5 +1,5 @@
-"""Every nuclei data set registered by name, lazily (registration only: the converters' helpers
-are in ``conversion.py``).
+"""Every nuclei data set registered by name, lazily (registration only: the converters are in
+``converters/``).
 
 Importing this module registers all names of ``BUILTIN_DATASETS`` under the root
 ``$DETECTRON2_DATASETS`` (default ``datasets``), read once at import. Nothing is read from disk
@@ -21,9 +21,6 @@ from ..utils.io import atomic_write_bytes
 __all__ = [
     "BUILTIN_DATASETS",
     "NUCLEUS_CLASSES",
-    "DatasetNotFoundError",
-    "DatasetFormatError",
-    "EmptyDatasetError",
     "default_dataset_root",
     "load_nuclei_coco",
     "register_nuclei_coco",
@@ -32,7 +29,6 @@ __all__ = [
     "read_image_list",
     "subset_coco",
     "register_nuclei_subset",
-    "nucleus_categories",
 ]
 
 NUCLEUS_CLASSES = ["nucleus"]
@@ -291,13 +287,6 @@ def register_nuclei_subset(name: str, parent: str, list_file: str) -> None:
         image_list=list_file,
         parent_dataset=parent,
     )
-
-
-# ---------------------------------------------------------------- helpers of the converters
-
-
-def nucleus_categories() -> List[Dict]:
-    return [{"id": 1, "name": "nucleus", "supercategory": "nucleus"}]
 
 
 register_all_nuclei_datasets()

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from ..errors import ImageNotFoundError, ImageReadError
 
-__all__ = ["ImageReadError", "ImageNotFoundError", "read_image_rgb", "to_uint8"]
+__all__ = ["read_image_rgb", "to_uint8"]
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # Pillow modes whose pixels np.asarray returns faithfully (other modes are converted first).

@@ -1,14 +1,15 @@
 """Dataset dict → model input: SAM's longest-side resize, optional flips, boxes only.
 
-The one place where images are resized for SAM. The model pads to ``image_size`` x ``image_size``
-and normalises; the mapper never pads. Masks never reach the model in training: the mapper does
-not even decode them, and the "annotations" key is removed in both modes (evaluators read the
-ground truth from the registered data set).
+Images are resized and flipped by ``transforms.sam_model_input``, the one place where images are
+resized for SAM. The model pads to ``image_size`` x ``image_size`` and normalises; the mapper never
+pads. Masks never reach the model in training: the mapper does not even decode them, and the
+"annotations" key is removed in both modes (evaluators read the ground truth from the registered
+data set).
 """
 
 import copy
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -16,59 +17,14 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
-from segment_anything.utils.transforms import ResizeLongestSide
 
 from ..errors import ConfigError
 from .image_io import read_image_rgb
+from .transforms import IMAGE_FORMATS, RANDOM_FLIPS, flip_augmentations, sam_model_input
 
-__all__ = ["DESSAMDatasetMapper", "sam_model_input"]
+__all__ = ["DESSAMDatasetMapper"]
 
 logger = logging.getLogger(__name__)
-
-_FLIPS = {
-    "none": [],
-    "horizontal": [T.RandomFlip(prob=0.5, horizontal=True, vertical=False)],
-    "vertical": [T.RandomFlip(prob=0.5, horizontal=False, vertical=True)],
-    "both": [
-        T.RandomFlip(prob=0.5, horizontal=True, vertical=False),
-        T.RandomFlip(prob=0.5, horizontal=False, vertical=True),
-    ],
-}
-_FLIP_NAMES = {T.HFlipTransform: "hflip", T.VFlipTransform: "vflip"}
-_FORMATS = ("RGB", "BGR")
-
-
-def sam_model_input(
-    image: np.ndarray,
-    image_size: int,
-    image_format: str = "RGB",
-    augmentations: Optional[T.AugmentationList] = None,
-    boxes: Optional[np.ndarray] = None,
-) -> Tuple[Dict, Optional[np.ndarray]]:
-    """The one way an image becomes DESSAM's input, in training, evaluation, prediction and
-    annotation (a second copy would drift: the embedding cache's key reads "sam_transform").
-
-    ``image`` is H x W x 3 uint8 RGB. Returns ``({"image": 3 x h x w uint8 tensor, longest side
-    image_size, in ``image_format``; "height": H, "width": W; "sam_transform": e.g.
-    "longest1024+hflip"}, boxes)`` where ``boxes`` (N x 4 XYXY in the original image, optional)
-    come back in the model's input frame, through the same resize and flips as the image.
-    """
-    height, width = image.shape[:2]
-    new_h, new_w = ResizeLongestSide.get_preprocess_shape(height, width, image_size)
-    aug_input = T.AugInput(image, boxes=boxes)
-    aug_input.transform(T.ResizeTransform(height, width, new_h, new_w))
-    flips = augmentations(aug_input).transforms if augmentations is not None else []
-    names = [f"longest{image_size}"] + [_FLIP_NAMES.get(type(t), "") for t in flips]
-    image = aug_input.image
-    if image_format == "BGR":
-        image = image[:, :, ::-1]
-    model_input = {
-        "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
-        "height": height,
-        "width": width,
-        "sam_transform": "+".join(n for n in names if n),
-    }
-    return model_input, aug_input.boxes
 
 
 class DESSAMDatasetMapper:
@@ -89,10 +45,12 @@ class DESSAMDatasetMapper:
         image_format: str = "RGB",
         random_flip: str = "none",
     ):
-        if image_format not in _FORMATS:
-            raise ConfigError(f"image_format must be one of {_FORMATS}, got '{image_format}'")
-        if random_flip not in _FLIPS:
-            raise ConfigError(f"random_flip must be one of {sorted(_FLIPS)}, got '{random_flip}'")
+        if image_format not in IMAGE_FORMATS:
+            raise ConfigError(f"image_format must be one of {IMAGE_FORMATS}, got '{image_format}'")
+        if random_flip not in RANDOM_FLIPS:
+            raise ConfigError(
+                f"random_flip must be one of {sorted(RANDOM_FLIPS)}, got '{random_flip}'"
+            )
         if image_format != "RGB":
             logger.warning("image_format is %s: SAM was trained on RGB images", image_format)
         self.is_train = is_train
@@ -100,7 +58,7 @@ class DESSAMDatasetMapper:
         self.image_format = image_format
         self.random_flip = random_flip
         # flips are augmentation: training only
-        self.augmentations = T.AugmentationList(list(_FLIPS[random_flip]) if is_train else [])
+        self.augmentations = T.AugmentationList(flip_augmentations(random_flip) if is_train else [])
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict:

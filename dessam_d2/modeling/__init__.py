@@ -4,12 +4,11 @@ from .meta_arch import DESSAM
 from .prompt_mask_head import SAMPromptMaskHead
 from .roi_heads import DESSAMROIHeads
 from .sam_backbone import SAMImageEncoder, build_sam_sfp_backbone
-from .sam_weights import SAMCheckpointError, load_sam_checkpoint
+from .sam_weights import load_sam_checkpoint
 
 __all__ = [
     "DESSAM",
     "DESSAMROIHeads",
-    "SAMCheckpointError",
     "SAMImageEncoder",
     "SAMPromptMaskHead",
     "build_sam_sfp_backbone",

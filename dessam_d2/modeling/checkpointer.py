@@ -26,7 +26,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from ..errors import CheckpointError, InputNotFoundError, NonFiniteError, first_few
 from ..utils.io import TEMP_SUFFIX, atomic_open, atomic_write_text, remove_stale_temp_files
 
-__all__ = ["CheckpointError", "NonFiniteError", "DESSAMCheckpointer", "load_model"]
+__all__ = ["DESSAMCheckpointer", "load_model"]
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import SAMCheckpointError, first_few
 
-__all__ = ["SAMCheckpointError", "SAM_PARTS", "read_sam_state_dict", "load_sam_checkpoint"]
+__all__ = ["SAM_PARTS", "read_sam_state_dict", "load_sam_checkpoint"]
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from ..data.image_io import read_image_rgb
-from ..data.mapper import sam_model_input
+from ..data.transforms import sam_model_input
 from ..engine import Trainer
 from ..modeling.sam_weights import read_sam_state_dict
 

@@ -8,7 +8,7 @@ import pycocotools.mask as mask_util
 import pytest
 
 from dessam_d2.data.image_io import read_image_rgb
-from dessam_d2.data.synthetic import (
+from dessam_d2.data.synthetic.cytology import (
     MIN_VISIBLE_AREA,
     generate_synthetic_dataset,
     make_synthetic_cytology,

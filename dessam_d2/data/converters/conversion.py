@@ -1,16 +1,17 @@
-"""What the converters share: per-subset reports with skip reasons, and the exit status."""
+"""What the converters share: per-subset reports with skip reasons, the nucleus category."""
 
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List
 
 from tabulate import tabulate
 
-from ..cli import EXIT_USER_ERROR, exit_status
-from ..utils.io import atomic_copy, atomic_write_json
+__all__ = ["SubsetReport", "ConversionReport", "nucleus_categories"]
 
-__all__ = ["SubsetReport", "ConversionReport", "atomic_copy", "atomic_write_json"]
+
+def nucleus_categories() -> List[Dict]:
+    """The ``categories`` of every COCO file written here: one class, "nucleus", id 1."""
+    return [{"id": 1, "name": "nucleus", "supercategory": "nucleus"}]
 
 
 @dataclass
@@ -29,27 +30,25 @@ class SubsetReport:
 
 @dataclass
 class ConversionReport:
+    """What a converter did: one ``SubsetReport`` per subset, and the COCO files it wrote."""
+
     subsets: List[SubsetReport] = field(default_factory=list)
     json_files: List[str] = field(default_factory=list)
 
-    def print_summary(self, source: str) -> int:
-        """Print the table and the files written; return the converter's exit status
-        (``dessam_d2.cli.exit_status``): 0 every image converted, 1 some images skipped (nuclei
-        dropped by a documented rule, e.g. zero area, are counted but do not count as skips),
-        2 no image converted."""
+    @property
+    def images(self) -> int:
+        """Images converted, all subsets together."""
+        return sum(s.images for s in self.subsets)
 
-        print(self.table())
-        print("\n".join(["written:"] + self.json_files))
-        done = sum(s.images for s in self.subsets)
-        status = exit_status(done, sum(sum(s.skipped_images.values()) for s in self.subsets))
-        if not done:
-            print(
-                f"error: no image of {source} could be converted (reasons in the table above): "
-                "the data sets are empty",
-                file=sys.stderr,
-            )
-            status = EXIT_USER_ERROR
-        return status
+    @property
+    def skipped_images(self) -> int:
+        """Images skipped (with a reason in the table); nuclei dropped by a documented rule (e.g.
+        zero area) are counted apart and do not count here."""
+        return sum(sum(s.skipped_images.values()) for s in self.subsets)
+
+    def summary(self) -> str:
+        """The table, then the files written."""
+        return self.table() + "\n" + "\n".join(["written:"] + self.json_files)
 
     def table(self) -> str:
         """A summary row per subset (and a total), then one row per (subset, skip reason)."""

@@ -17,10 +17,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from ..errors import DatasetFormatError, InputNotFoundError
-from ..utils.io import atomic_write_json
-from .conversion import ConversionReport, SubsetReport
-from .datasets import nucleus_categories
+from ...errors import DatasetFormatError, InputNotFoundError
+from ...utils.io import atomic_write_json
+from .conversion import ConversionReport, SubsetReport, nucleus_categories
 
 __all__ = ["read_qupath_features", "features_to_annotations", "convert_qupath"]
 

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dessam_d2.data.cnseg import CNSegLayoutError, convert_cnseg, find_cnseg_subsets
+from dessam_d2.data.converters.cnseg import convert_cnseg, find_cnseg_subsets
+from dessam_d2.errors import CNSegLayoutError
 
 H, W = 64, 80
 SQUARE = [[10, 10], [30, 10], [30, 20], [10, 20]]  # bbox [10, 10, 20, 10], area 200

@@ -24,9 +24,10 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-from ..errors import UsageError
-from ..utils.io import atomic_write_bytes, atomic_write_json
-from .datasets import default_dataset_root, nucleus_categories
+from ...errors import UsageError
+from ...utils.io import atomic_write_bytes, atomic_write_json
+from ..converters.conversion import nucleus_categories
+from ..datasets import default_dataset_root
 
 __all__ = [
     "MIN_VISIBLE_AREA",

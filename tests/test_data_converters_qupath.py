@@ -1,4 +1,5 @@
-"""QuPath GeoJSON exports (rectangles, polygons, points, classes) to COCO boxes (data/qupath.py)."""
+"""QuPath GeoJSON exports (rectangles, polygons, points, classes) to COCO boxes
+(data/converters/qupath.py), and the tool that needs no torch."""
 
 import json
 import os
@@ -7,10 +8,10 @@ import sys
 
 import numpy as np
 from detectron2.data import DatasetCatalog
-from test_data_user_datasets import write_images
+from test_data_converters_user_datasets import write_images
 
-from dessam_d2.data.qupath import convert_qupath, features_to_annotations
-from dessam_d2.data.user_datasets import register_user_datasets
+from dessam_d2.data.converters.qupath import convert_qupath, features_to_annotations
+from dessam_d2.data.converters.user_datasets import register_user_datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,3 +122,32 @@ def test_the_tool_prints_no_warning(tmp_path):
         stderr.append(proc.stderr.strip().splitlines())
     assert stderr[0] == [] and (tmp_path / "b.json").is_file()
     assert len(stderr[1]) == 1 and stderr[1][0].startswith("error: ")
+
+
+def test_the_tool_needs_no_torch(tmp_path):
+    """--help and a whole import run load neither torch nor Detectron2 (it needs no model)."""
+    write_images(str(tmp_path), ["b.png"], size=(96, 128))
+    (tmp_path / "b.geojson").write_text(json.dumps([qupath_rectangle(1, 2, 3, 4)]))
+    args = [
+        ["--help"],
+        ["--geojson", str(tmp_path / "b.geojson"), "--image-root", str(tmp_path)]
+        + ["--output", str(tmp_path / "b.json")],
+    ]
+    code = (
+        "import runpy, sys\n"
+        f"for args in {args!r}:\n"
+        "    sys.argv = ['tools/import_qupath.py'] + args\n"
+        "    try:\n"
+        "        runpy.run_path('tools/import_qupath.py', run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        print('exit', e.code)\n"
+        "heavy = ('torch', 'detectron2', 'fvcore', 'segment_anything')\n"
+        "print('heavy', sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    lines = proc.stdout.splitlines()
+    assert "usage: import_qupath.py" in proc.stdout and lines.count("exit 0") == 2, proc.stdout
+    assert lines[-1] == "heavy []", lines[-1]
+    assert len(json.loads((tmp_path / "b.json").read_text())["annotations"]) == 1

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from dessam_d2.data.isbi2014 import ISBIFormatError, convert_isbi2014
+from dessam_d2.data.converters.isbi2014 import convert_isbi2014
+from dessam_d2.errors import ISBIFormatError
 
 
 def _cell(arrays: List) -> np.ndarray:

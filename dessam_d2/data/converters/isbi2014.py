@@ -46,13 +46,16 @@ import scipy.io
 from scipy import ndimage
 from tqdm import tqdm
 
-from ..errors import ISBIFormatError
-from ..utils.io import atomic_write_bytes, atomic_write_json
-from .conversion import ConversionReport, SubsetReport
-from .datasets import nucleus_categories
-from .image_io import to_uint8
+from ...errors import ISBIFormatError
+from ...utils.io import atomic_write_bytes, atomic_write_json
+from ..image_io import to_uint8
+from .conversion import ConversionReport, SubsetReport, nucleus_categories
 
-__all__ = ["ISBIFormatError", "MatStack", "list_mat_stacks", "convert_isbi2014"]
+__all__ = ["MatStack", "list_mat_stacks", "convert_isbi2014"]
+
+# Written into each file's "info": the module's name before it moved to converters/, kept so
+# that converted files stay byte-identical across versions (split: it names no module now).
+_CONVERTER = "dessam_d2" ".data.isbi2014"
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +276,7 @@ def _convert_split(
     atomic_write_json(
         json_file,
         {
-            "info": {"description": f"ISBI 2014 {split}, converted by dessam_d2.data.isbi2014"},
+            "info": {"description": f"ISBI 2014 {split}, converted by {_CONVERTER}"},
             "images": image_records,
             "annotations": ann_records,
             "categories": nucleus_categories(),

@@ -13,8 +13,8 @@ import json
 import os
 from typing import Dict, Sequence, Tuple
 
-from ..errors import DatasetFormatError, DatasetNotFoundError, UsageError
-from .datasets import register_nuclei_coco
+from ...errors import DatasetFormatError, DatasetNotFoundError, UsageError
+from ..datasets import register_nuclei_coco
 
 __all__ = [
     "parse_dataset_spec",

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog
 
-from dessam_d2.data.datasets import DatasetFormatError, DatasetNotFoundError
-from dessam_d2.data.synthetic import render_synthetic_image
-from dessam_d2.data.user_datasets import parse_dataset_spec, register_user_datasets
+from dessam_d2.data.converters.user_datasets import parse_dataset_spec, register_user_datasets
+from dessam_d2.data.synthetic.cytology import render_synthetic_image
+from dessam_d2.errors import DatasetFormatError, DatasetNotFoundError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -45,18 +45,17 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..errors import CNSegLayoutError
-from ..utils.io import atomic_copy, atomic_write_json
-from .conversion import ConversionReport, SubsetReport
-from .datasets import nucleus_categories
-from .image_io import ImageReadError, read_image_rgb
-from .polygons import clip_polygon, dedup_vertices, polygon_area, polygon_self_intersects
+from ...errors import CNSegLayoutError, ImageReadError
+from ...utils.io import atomic_copy, atomic_write_json
+from ..image_io import read_image_rgb
+from ..polygons import clip_polygon, dedup_vertices, polygon_area, polygon_self_intersects
+from .conversion import ConversionReport, SubsetReport, nucleus_categories
 
-__all__ = [
-    "CNSegLayoutError",
-    "convert_cnseg",
-    "find_cnseg_subsets",
-]
+__all__ = ["convert_cnseg", "find_cnseg_subsets"]
+
+# Written into each file's "info": the module's name before it moved to converters/, kept so
+# that converted files stay byte-identical across versions (split: it names no module now).
+_CONVERTER = "dessam_d2" ".data.cnseg"
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +307,7 @@ def _write_coco(path: str, images: List[Dict], annotations: List[Dict], source: 
     atomic_write_json(
         path,
         {
-            "info": {"description": f"CNSeg {source}, converted by dessam_d2.data.cnseg"},
+            "info": {"description": f"CNSeg {source}, converted by {_CONVERTER}"},
             "images": images,
             "annotations": annotations,
             "categories": nucleus_categories(),

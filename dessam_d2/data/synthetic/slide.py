@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Tuple
 import cv2
 import numpy as np
 
-from .synthetic import render_synthetic_image
+from .cytology import render_synthetic_image
 
 TIFF_TILE = 256
 
