@@ -26,8 +26,11 @@ def build_cfg(config_file: str, **overrides):
 
 
 def build_model(cfg, seed=0):
+    """Detectron2's ``build_model`` with DES-SAM's parts registered, seeded: random weights."""
     import torch
     from detectron2.modeling import build_model as d2_build
+
+    import dessam_d2.modeling  # noqa: F401  (importing it registers the DESSAM meta-architecture)
 
     torch.manual_seed(seed)
     return d2_build(cfg)

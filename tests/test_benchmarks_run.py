@@ -1,7 +1,9 @@
-"""benchmarks/run.py, the driver: a phase runs in process and prints one JSON line, the peers'
-figures are merged in or skipped with one line, the figures and ratios are collected from the
-phases; every benchmarks module imports without torch and without output."""
+"""benchmarks/run.py, the driver: a phase runs in a fresh process and prints one JSON line, the
+peers' figures are merged in or skipped with one line, the figures and ratios are collected from
+the phases; every benchmarks module imports without torch and without output, stays under 400
+lines and outside the package."""
 
+import ast
 import json
 import os
 import subprocess
@@ -29,11 +31,35 @@ def test_every_module_imports_without_torch_or_output():
     assert proc.stdout == "" and proc.stderr == ""
 
 
-def test_a_phase_prints_one_json_line(one_thread, capsys):
+def test_the_benchmarks_stay_outside_the_package_and_under_400_lines():
+    """No module of dessam_d2 imports benchmarks (nor do setup.py's packages include it), and no
+    benchmarks module is over 400 lines."""
+    for folder, _, files in os.walk(os.path.join(ROOT, "dessam_d2")):
+        for name in (f for f in files if f.endswith(".py")):
+            with open(os.path.join(folder, name)) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    mods = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    mods = [node.module or ""]
+                else:
+                    continue
+                assert not any(m.split(".")[0] == "benchmarks" for m in mods), (folder, name)
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        assert 'find_packages(include=["dessam_d2", "dessam_d2.*"])' in f.read()
+    for module in MODULES + ["__init__"]:
+        with open(os.path.join(ROOT, "benchmarks", module + ".py")) as f:
+            assert sum(1 for _ in f) <= 400, module
+
+
+def test_a_phase_runs_in_a_fresh_process_and_prints_one_json_line(capsys):
+    """What the driver does for each phase: ``python -m benchmarks.run --phase``, alone (no
+    conftest's imports to register the model for it)."""
     argv = ["--config-file", DEMO, "--threads", "1", "--quick", "--bf16", "never"]
-    assert run.main(argv + ["--phase", "encoder"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = run.child(run.parse_args(argv), "encoder")
     assert out["encoder_s"] > 0 and out["peak_rss_gb"] > 0
+    assert "[benchmark] encoder done in" in capsys.readouterr().err
 
 
 def args(venv):
