@@ -148,8 +148,7 @@ def phase_infer(
         kept.append(len(instances))
         return parts
 
-    head = model.roi_heads.mask_head
-    model.roi_heads.box_predictor.test_topk_per_image = sizes[0]
+    model.set_detections_per_image(sizes[0])
     run()  # warm-up of the process
     out = {}
     # (nuclei, MODEL.DESSAM.INFERENCE_DTYPE, DECODER_INFERENCE_DTYPE, name suffix)
@@ -160,9 +159,8 @@ def phase_infer(
     if bf16_wanted(bf16):
         runs += [(n, "bfloat16", "float32", "_bf16") for n in sizes if n >= 100]
     for n, model_dtype, decoder_dtype, suffix in runs:
-        model.roi_heads.box_predictor.test_topk_per_image = n
-        model.set_inference_dtype(model_dtype)
-        head.inference_dtype = decoder_dtype
+        model.set_detections_per_image(n)
+        model.set_inference_dtype(model_dtype, decoder=decoder_dtype)
         # One run under the profiler for the parts (also this setting's warm-up), then the timed
         # runs without it.
         parts = run_labelled()
@@ -203,7 +201,7 @@ def decoder_breakdown(head, emb, boxes, repeats: int) -> dict:
     tr = dec.transformer
     out = {}
     for fast in (False, True):
-        head.fast_decoder = fast
+        head.set_decoding(fast=fast)
         if not fast:
             for i, layer in enumerate(tr.layers):
                 time_module(layer, f"ref block {i}")
@@ -253,7 +251,7 @@ def phase_decoder(
     import torch
 
     model = build_model(build_cfg(config_file)).eval()
-    head = model.roi_heads.mask_head
+    head = model.mask_head
     enc = model.image_encoder  # SAM's embedding: 256 x 64 x 64 for 1024 px
     emb = torch.randn(1, enc.out_chans, enc.embed_size, enc.embed_size)
     out = {}
@@ -264,7 +262,7 @@ def phase_decoder(
     variants += [(f"fast_fp32_chunk{c}", True, "float32", c) for c in chunk_sizes]
     ref = {}
     for name, fast, dtype, chunk in variants:
-        head.fast_decoder, head.inference_dtype, head.chunk_size = fast, dtype, chunk
+        head.set_decoding(fast=fast, inference_dtype=dtype, chunk_size=chunk)
         nb = boxes if fast else boxes[:reference_nuclei]
         with torch.no_grad():
             t, _ = measure(lambda: head.decode(emb, nb, student=True), repeats)
@@ -280,7 +278,7 @@ def phase_decoder(
         out[f"decoder_{name}_max_abs_diff"] = float((base - logits).abs().max())
         out[f"decoder_{name}_min_mask_iou"] = float(iou.min())
     out["decoder_logit_abs_max"] = float(base.abs().max())
-    head.inference_dtype, head.chunk_size = "float32", 40
+    head.set_decoding(inference_dtype="float32", chunk_size=40)
     nb = boxes[:reference_nuclei]
     out["decoder_breakdown"] = decoder_breakdown(head, emb, nb, repeats)
     return out

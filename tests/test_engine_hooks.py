@@ -35,12 +35,10 @@ def test_the_loss_log_appends_one_line_per_iteration_and_ends_a_cut_line(tmp_pat
     }  # no data_time: losses and lr only
 
 
-def test_token_statistics_are_the_norm_the_change_and_the_gradient():
-    head = torch.nn.Module()
-    head.learnable_tokens = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
-    head.register_buffer("learnable_tokens_init", torch.tensor([[0.0, 4.0]]))
-    head.learnable_tokens.grad = torch.tensor([[0.0, 2.0]])
-    model = SimpleNamespace(roi_heads=SimpleNamespace(mask_head=head))
+def test_token_statistics_are_the_models_under_token_slash():
+    # DESSAM.token_stats itself: tests/test_modeling_meta_arch.py
+    stats = {"norm": 5.0, "change": 3.0, "grad_norm": 2.0}
+    model = SimpleNamespace(token_stats=lambda: dict(stats))
     with EventStorage(0) as storage:
         hook = TokenStatsHook()
         hook.trainer = stub_trainer(storage, model=model)

@@ -65,7 +65,7 @@ def test_each_test_set_is_scored_with_its_own_threshold(two_test_sets, tmp_path,
     assert _num_pred(tmp_path, high) == [0, 0]  # nothing passes 0.99
     assert f"Evaluating {low} with box score threshold 0" in caplog.text
     assert f"Evaluating {high} with box score threshold 0.99" in caplog.text
-    assert model.roi_heads.box_predictor.test_score_thresh == 0.5  # restored
+    assert model.score_threshold == 0.5  # restored
 
     # Swapped thresholds swap the outcome; without the key both use SCORE_THRESH_TEST.
     cfg.DATASETS.TEST_SCORE_THRESH = (0.99, 0.0)

@@ -149,9 +149,9 @@ def test_bfloat16_only_in_inference_and_masks_agree_with_float32():
     fast.eval()
     with torch.no_grad():
         bf16 = fast.decode(emb, boxes, student=True)
-        fast.inference_dtype = "float32"
+        assert fast.set_decoding(inference_dtype="float32")["inference_dtype"] == "bfloat16"
         fp32 = fast.decode(emb, boxes, student=True)
-        fast.inference_dtype = "bfloat16"
+        fast.set_decoding(inference_dtype="bfloat16")
         fast.train()  # training: the teacher's targets stay float32
         train = fast.decode(emb, boxes, student=True)
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)

@@ -57,7 +57,7 @@ def test_a_different_decoder_falls_back_to_its_own_forward_with_one_warning(
     with torch.no_grad():
         fast = head.decode(emb, boxes, student=True)
         again = head.decode(emb, boxes, student=True)
-        head.fast_decoder = False
+        head.set_decoding(fast=False)
         reference = head.decode(emb, boxes, student=True)
     assert len(warnings) == 1 and "PatchedDecoder" in warnings[0]
     # What came out is the patched decoder's own output (+1), not the fast path's.

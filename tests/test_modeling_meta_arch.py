@@ -180,10 +180,14 @@ def test_pyramid_and_rpn_skip_rows_and_columns_that_are_only_padding(cfg):
     seen = {}
 
     def rpn_input(module, args):
-        seen["rpn"] = {k: tuple(v.shape[-2:]) for k, v in args[1].items() if k.startswith("p")}
-        seen["sam"] = tuple(args[1]["sam_embed"].shape[-2:])
+        assert set(args[1]) == {"p2", "p3", "p4", "p5"}  # the pyramid only
+        seen["rpn"] = {k: tuple(v.shape[-2:]) for k, v in args[1].items()}
+
+    def mask_head_input(module, args):
+        seen["sam"] = tuple(args[0].shape[-2:])  # forward(embeddings, instances, raw_images)
 
     model.proposal_generator.register_forward_pre_hook(rpn_input)
+    model.mask_head.register_forward_pre_hook(mask_head_input)
     batch = [
         synthetic_input(0, size=(40, 256), boxes=((2, 2, 30, 30),)),
         synthetic_input(1, size=(100, 200), boxes=((20, 30, 60, 70),)),
@@ -306,3 +310,40 @@ def test_no_nuclei_and_degenerate_boxes_give_finite_losses(tmp_path, one_thread,
     size = thin["instances"].image_size
     thin["instances"] = make_instances([[10, 10, 11, 40], [50, 50, 90, 51], [9, 9, 10, 10]], size)
     _finite_losses(model, [mapped, thin])
+
+
+def test_learnable_tokens_switch_off_and_back_for_inference(cfg):
+    """``set_learnable_tokens(False)``: SAM's own output tokens only (the teacher's decoding)."""
+    model = build(cfg).eval()
+    with torch.no_grad():
+        model.mask_head.learnable_tokens.normal_(0.0, 3.0)
+    calls = []
+    real = model.mask_head.decode
+    model.mask_head.decode = lambda emb, boxes, student: calls.append(student) or real(
+        emb, boxes, student
+    )
+    inp = synthetic_input(0)
+    del inp["instances"]
+    model([inp])
+    assert model.set_learnable_tokens(False) is True
+    model([inp])
+    assert model.set_learnable_tokens(True) is False
+    model([inp])
+    assert calls == [True, False, True]
+
+
+def test_trainable_decoder_and_token_stats(cfg):
+    assert not build(cfg).trainable_decoder
+    cfg.MODEL.SAM.FREEZE_DECODER = False
+    model = build(cfg)
+    assert model.trainable_decoder
+    head = model.mask_head
+    with torch.no_grad():
+        head.learnable_tokens.zero_()
+        head.learnable_tokens[0, :2] = torch.tensor([3.0, 4.0])
+        head.learnable_tokens_init.zero_()
+        head.learnable_tokens_init[0, 1] = 4.0
+    assert model.token_stats() == {"norm": 5.0, "change": 3.0, "grad_norm": 0.0}
+    head.learnable_tokens.grad = torch.zeros_like(head.learnable_tokens)
+    head.learnable_tokens.grad[0, 0] = 2.0
+    assert model.token_stats()["grad_norm"] == 2.0

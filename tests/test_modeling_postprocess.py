@@ -59,3 +59,26 @@ def test_a_mask_lands_where_computed_by_hand(model, height, width):
     assert mask.sum() == pytest.approx((y1 - y0) * (x1 - x0), rel=0.1)
     expected_box = [x0, y0, x1, y1]
     assert out.pred_boxes.tensor[0].tolist() == pytest.approx(expected_box, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "input_size, original_size",
+    [((256, 200), (300, 234)), ((120, 256), (60, 128)), ((7, 256), (7, 256))],
+)
+def test_mask_logits_to_original_gives_segment_anythings_postprocess_masks(
+    input_size, original_size
+):
+    """Our function, with the padded side as a parameter, against ``Sam.postprocess_masks`` (which
+    reads only ``image_encoder.img_size`` of its ``self``): the same numbers, bit for bit."""
+    from types import SimpleNamespace
+
+    from segment_anything.modeling import Sam
+
+    from dessam_d2.modeling.postprocess import mask_logits_to_original
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 1, 64, 64) * 10
+    sam = SimpleNamespace(image_encoder=SimpleNamespace(img_size=256))
+    expected = Sam.postprocess_masks(sam, logits, input_size, original_size)
+    ours = mask_logits_to_original(logits, 256, input_size, original_size)
+    assert ours.shape == (5, 1, *original_size) and torch.equal(ours, expected)

@@ -44,15 +44,9 @@ class TokenStatsHook(HookBase):
 
     def after_step(self):
         model = self.trainer.model
-        head = getattr(model, "module", model).roi_heads.mask_head
-        tokens = head.learnable_tokens.detach()
-        grad = head.learnable_tokens.grad
+        stats = getattr(model, "module", model).token_stats()  # the DDP-wrapped model's own
         self.trainer.storage.put_scalars(
-            **{
-                "token/norm": float(tokens.norm()),
-                "token/change": float((tokens - head.learnable_tokens_init).norm()),
-                "token/grad_norm": float(grad.norm()) if grad is not None else 0.0,
-            },
+            **{f"token/{k}": stats[k] for k in ("norm", "change", "grad_norm")},
             smoothing_hint=False,
         )
 

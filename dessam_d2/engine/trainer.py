@@ -96,7 +96,7 @@ def _cpu_aware_ddp(model, **kwargs):
     # A trainable SAM decoder (demo only) has parameters whose gradient is skipped on purpose
     # (e.g. key biases that softmax cancels), so DDP must look for unused ones.
     # DES-SAM's decoder, when trained, skips its unused multimask outputs; other heads use all
-    kwargs["find_unused_parameters"] = not getattr(model.roi_heads.mask_head, "freeze_decoder", 1)
+    kwargs["find_unused_parameters"] = bool(getattr(model, "trainable_decoder", False))
     return _create_ddp_model(model, **kwargs)
 
 
@@ -235,9 +235,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None):
         """DefaultTrainer.test one test set at a time, each with its own box score threshold
-        (DATASETS.TEST_SCORE_THRESH, see ``score_thresholds_per_test_set``); the box predictor's
-        threshold is restored afterwards. Periodic, final and ``--eval-only`` evaluations all
-        come here."""
+        (DATASETS.TEST_SCORE_THRESH, see ``score_thresholds_per_test_set``), set through the
+        model's ``set_score_threshold`` and restored afterwards. Periodic, final and
+        ``--eval-only`` evaluations all come here."""
         thresholds = score_thresholds_per_test_set(cfg)
         names = list(cfg.DATASETS.TEST)
         if isinstance(evaluators, DatasetEvaluator):
@@ -246,23 +246,22 @@ class Trainer(DefaultTrainer):
             raise ConfigError(
                 f"{len(evaluators)} evaluators for {len(names)} DATASETS.TEST entries"
             )
-        predictor = getattr(model, "module", model).roi_heads.box_predictor
-        default = predictor.test_score_thresh
+        detector = getattr(model, "module", model)  # DistributedDataParallel's model
         results = OrderedDict()
-        try:
-            for i, (name, threshold) in enumerate(zip(names, thresholds)):
-                one = cfg.clone()
-                one.defrost()
-                one.DATASETS.TEST = (name,)
-                one.DATASETS.TEST_SCORE_THRESH = ()
-                one.freeze()
-                predictor.test_score_thresh = threshold
+        for i, (name, threshold) in enumerate(zip(names, thresholds)):
+            one = cfg.clone()
+            one.defrost()
+            one.DATASETS.TEST = (name,)
+            one.DATASETS.TEST_SCORE_THRESH = ()
+            one.freeze()
+            default = detector.set_score_threshold(threshold)
+            try:
                 logger.info(f"Evaluating {name} with box score threshold {threshold:g}")
                 results[name] = super().test(
                     one, model, None if evaluators is None else [evaluators[i]]
                 )
-        finally:
-            predictor.test_score_thresh = default
+            finally:
+                detector.set_score_threshold(default)
         return next(iter(results.values())) if len(results) == 1 else results
 
     @classmethod

@@ -16,14 +16,15 @@ from detectron2.modeling import (
     build_roi_heads,
 )
 from detectron2.structures import Boxes, ImageList, Instances
-from segment_anything.modeling import Sam
 from torch import nn
 from torch.profiler import record_function
 
 from ..errors import ConfigError
 from ..utils.hashing import module_fingerprint
 from .embedding_cache import EmbeddingCache, weights_state
+from .postprocess import detections_to_original
 from .sam_weights import load_sam_checkpoint
+from .settings import DetectorSettings
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +65,16 @@ def resolve_inference_dtype(setting: str, device) -> torch.dtype:
 
 
 @META_ARCH_REGISTRY.register()
-class DESSAM(nn.Module):
+class DESSAM(DetectorSettings, nn.Module):
     """Box-supervised nucleus instance segmentation on a frozen SAM.
 
     Inputs follow Detectron2: a list of dicts with "image" (3 x h x w RGB uint8, longest side
     resized to ``image_size`` by the mapper), "height"/"width" (original size) and, in training,
     "instances" with ``gt_boxes`` only. Outputs: [{"instances": Instances}] with ``pred_boxes``,
     ``scores``, ``pred_classes`` and ``pred_masks`` (bool, original size).
+
+    Callers change its settings through methods (DetectorSettings', ``set_inference_dtype``,
+    ``set_learnable_tokens``), not its parts' attributes.
     """
 
     @configurable
@@ -153,9 +157,27 @@ class DESSAM(nn.Module):
     def mask_head(self) -> nn.Module:
         return self.roi_heads.mask_head
 
-    def set_inference_dtype(self, setting: str) -> None:
-        """MODEL.DESSAM.INFERENCE_DTYPE: "auto", "float32" or "bfloat16"."""
+    @property
+    def trainable_decoder(self) -> bool:
+        """Whether SAM's prompt encoder and mask decoder train (MODEL.SAM.FREEZE_DECODER False)."""
+        return not self.mask_head.freeze_decoder
+
+    def token_stats(self) -> Dict[str, float]:
+        """The learnable tokens' ``norm``, ``change`` since initialisation and ``grad_norm``."""
+        return self.mask_head.token_stats()
+
+    def set_learnable_tokens(self, enabled: bool) -> bool:
+        """Inference with the learnable tokens T~ (the default) or with SAM's own output tokens
+        only (``False``: the paper's ablation without the prompt); returns the previous
+        setting."""
+        return self.mask_head.set_tokens_at_inference(enabled)
+
+    def set_inference_dtype(self, setting: str, decoder: Optional[str] = None) -> None:
+        """MODEL.DESSAM.INFERENCE_DTYPE: "auto", "float32" or "bfloat16"; and, if given,
+        MODEL.DESSAM.DECODER_INFERENCE_DTYPE (``decoder``): "float32" or "bfloat16"."""
         resolve_inference_dtype(setting, "cpu")  # reject a wrong value now
+        if decoder is not None:
+            self.mask_head.set_decoding(inference_dtype=decoder)
         self.inference_dtype_setting = setting
         self._inference_dtype: Optional[tuple] = None  # (device, dtype) once resolved
 
@@ -256,7 +278,7 @@ class DESSAM(nn.Module):
         """SAM's encoder on B x 3 x S x S normalised images, computed in ``dtype`` (bfloat16:
         autocast, the weights stay float32), returned in float32."""
         with self.autocast(dtype):
-            return self.image_encoder.encode(images).float()
+            return self.backbone.encode(images).float()
 
     def encoder_fingerprint(self) -> str:
         """Hash of the encoder's weights and of the preprocessing in front of it; recomputed
@@ -298,10 +320,11 @@ class DESSAM(nn.Module):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         embeddings = self.image_embeddings(images, batched_inputs)
         with record_function("dessam/pyramid"):
-            features = self.backbone(self.crop_to_images(embeddings, images))
-        features.update(sam_embed=embeddings, image=raw)
+            features = self.backbone.from_embedding(self.crop_to_images(embeddings, images))
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
-        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        _, detector_losses = self.roi_heads(
+            images, features, proposals, gt_instances, embeddings=embeddings, raw_images=raw
+        )
         losses = {**proposal_losses, **detector_losses}
         for k in DETECTION_LOSSES:
             losses[k] = losses[k] * self.loss_dect_weight
@@ -322,12 +345,11 @@ class DESSAM(nn.Module):
         embeddings = self.image_embeddings(images, batched_inputs, dtype)
         with self.autocast(dtype):
             with record_function("dessam/pyramid"):
-                features = self.backbone(self.crop_to_images(embeddings, images))
-            features.update(sam_embed=embeddings, image=None)
+                features = self.backbone.from_embedding(self.crop_to_images(embeddings, images))
             with record_function("dessam/rpn"):
                 proposals, _ = self.proposal_generator(images, features, None)
             # labels "dessam/box_head" and "dessam/mask_decoder" inside
-            results, _ = self.roi_heads(images, features, proposals, None)
+            results, _ = self.roi_heads(images, features, proposals, None, embeddings=embeddings)
         return [
             {"instances": self.postprocess(r, x, size)}
             for r, x, size in zip(results, batched_inputs, images.image_sizes)
@@ -359,32 +381,14 @@ class DESSAM(nn.Module):
     def postprocess(self, results: Instances, batched_input: Dict, input_size) -> Instances:
         """Boxes and masks from the resized, padded frame back to the original image size, in
         float32 (scores, boxes) and bool (masks) whatever the inference dtype."""
-        with record_function("dessam/postprocess"):
-            return self._postprocess(results, batched_input, input_size)
-
-    def _postprocess(self, results: Instances, batched_input: Dict, input_size) -> Instances:
-        height = batched_input.get("height", input_size[0])
-        width = batched_input.get("width", input_size[1])
-        h, w = input_size
-        out = Instances((height, width))
-        boxes = results.pred_boxes.clone()
-        boxes.tensor = boxes.tensor.float()
-        boxes.scale(width / w, height / h)
-        boxes.clip((height, width))
-        out.pred_boxes = boxes
-        out.scores = results.scores.float()
-        out.pred_classes = results.pred_classes
-        logits = results.pred_mask_logits.float()
-        masks = []
-        for chunk in logits.split(16):  # bounded memory with hundreds of nuclei
-            # SAM's own: upsample to the padded input square (self.image_encoder.img_size, the
-            # only attribute it reads), crop the image's extent, resize to the original size.
-            up = Sam.postprocess_masks(self, chunk, (h, w), (height, width))
-            masks.append(up[:, 0] > self.mask_logit_threshold)
-        out.pred_masks = (
-            torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool)
+        size = (
+            batched_input.get("height", input_size[0]),
+            batched_input.get("width", input_size[1]),
         )
-        return out
+        with record_function("dessam/postprocess"):
+            return detections_to_original(
+                results, input_size, size, self.image_size, self.mask_logit_threshold
+            )
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

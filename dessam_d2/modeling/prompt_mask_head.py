@@ -48,16 +48,22 @@ def build_sam_prompt_modules(
     return prompt_encoder, mask_decoder
 
 
+def checked_decoder_dtype(setting: str) -> str:
+    if setting not in ("float32", "bfloat16"):
+        raise ConfigError(f"decoder inference dtype {setting!r}: float32 or bfloat16")
+    return setting
+
+
 @ROI_MASK_HEAD_REGISTRY.register()
 class SAMPromptMaskHead(nn.Module):
     """Teacher/student SAM decoding of box prompts, with DES-SAM's losses.
 
-    Inputs of ``forward``: ``features["sam_embed"]`` (B x 256 x h x w SAM embeddings),
-    ``features["image"]`` (B x 3 x S x S padded RGB in [0, 255], training only) and per-image
+    Inputs of ``forward``: ``embeddings`` (B x 256 x h x w, SAM's whole embeddings), per-image
     ``Instances`` (training: foreground proposals whose ``proposal_boxes`` are the student's
     prompts, the box head's predictions or the proposals themselves as
     MODEL.DESSAM.STUDENT_PROMPTS says, and ``gt_boxes`` their matched ground truth; inference:
-    ``pred_boxes``, the final detections).
+    ``pred_boxes``, the final detections) and, in training, ``raw_images`` (B x 3 x S x S padded
+    RGB in [0, 255], for the colour losses).
     Inference adds ``pred_mask_logits`` (R x 1 x 4h x 4w, over the padded S x S input).
     """
 
@@ -115,9 +121,49 @@ class SAMPromptMaskHead(nn.Module):
         self.tokens_at_inference = True
         self.fast_decoder = fast_decoder
         self._fast_path_checked: Optional[tuple] = None  # (id of the decoder checked, ok)
-        if inference_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"decoder inference dtype {inference_dtype!r}: float32 or bfloat16")
-        self.inference_dtype = inference_dtype
+        self.inference_dtype = checked_decoder_dtype(inference_dtype)
+
+    def set_tokens_at_inference(self, enabled: bool) -> bool:
+        """Whether inference decodes as the student (with T~, the default) or with SAM's own
+        output tokens only (the paper's ablation without the prompt); returns the previous
+        setting."""
+        previous, self.tokens_at_inference = self.tokens_at_inference, bool(enabled)
+        return previous
+
+    def set_decoding(
+        self,
+        *,
+        fast: Optional[bool] = None,
+        inference_dtype: Optional[str] = None,
+        chunk_size: Optional[int] = None,
+    ) -> Dict:
+        """Change how ``decode`` runs (what is not None): the fast path (MODEL.DESSAM.FAST_DECODER),
+        the inference dtype (MODEL.DESSAM.DECODER_INFERENCE_DTYPE), the boxes per decoder call
+        (MODEL.DESSAM.DECODER_CHUNK_SIZE). Returns the previous settings, as keywords."""
+        previous = {
+            "fast": self.fast_decoder,
+            "inference_dtype": self.inference_dtype,
+            "chunk_size": self.chunk_size,
+        }
+        if inference_dtype is not None:
+            self.inference_dtype = checked_decoder_dtype(inference_dtype)
+        if fast is not None:
+            self.fast_decoder = bool(fast)
+        if chunk_size is not None:
+            self.chunk_size = max(int(chunk_size), 1)
+        return previous
+
+    def token_stats(self) -> Dict[str, float]:
+        """How the learnable tokens T~ moved: ``norm`` (||T~||), ``change`` (||T~ - T~_0||, T~_0
+        their initial value) and ``grad_norm`` (of the last backward pass's gradient, 0 when
+        there is none)."""
+        tokens = self.learnable_tokens.detach()
+        grad = self.learnable_tokens.grad
+        return {
+            "norm": float(tokens.norm()),
+            "change": float((tokens - self.learnable_tokens_init).norm()),
+            "grad_norm": float(grad.norm()) if grad is not None else 0.0,
+        }
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape=None):
@@ -229,14 +275,22 @@ class SAMPromptMaskHead(nn.Module):
             out.append(shared(sparse))
         return torch.cat(out).float()
 
-    def forward(self, features: Dict[str, torch.Tensor], instances: List[Instances]):
-        embeddings = features["sam_embed"]
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        instances: List[Instances],
+        raw_images: Optional[torch.Tensor] = None,
+    ):
+        """Inference: ``instances`` with ``pred_mask_logits``. Training: the mask losses (needs
+        ``raw_images``)."""
         if not self.training:
             for emb, inst in zip(embeddings, instances):
                 boxes = inst.pred_boxes.tensor
                 inst.pred_mask_logits = self.decode(emb[None], boxes, self.tokens_at_inference)
             return instances
-        return self.losses(embeddings, features["image"], instances)
+        if raw_images is None:
+            raise ValueError("the mask head's losses need the raw images (raw_images)")
+        return self.losses(embeddings, raw_images, instances)
 
     def _select(self, inst: Instances) -> Instances:
         if self.max_train_masks > 0 and len(inst) > self.max_train_masks:

@@ -42,13 +42,8 @@ def sam_encoder_shape(cfg: CfgNode) -> dict:
 
 
 class SAMImageEncoder(Backbone):
-    """SAM's ``ImageEncoderViT`` as a Backbone with one output, ``"sam_embed"`` (stride = patch).
-
-    The forward takes either padded, normalised images (B x 3 x S x S) or embeddings the encoder
-    already produced (B x C x S/p x S/p, e.g. from the embedding cache, possibly cropped to the
-    images' extent): the 3-channel input is unambiguous because C (256) is never 3. So
-    Detectron2's SimpleFeaturePyramid wraps the real encoder while the meta-architecture decides
-    when the encoder runs.
+    """SAM's ``ImageEncoderViT`` as a Backbone with one output, ``"sam_embed"`` (stride = patch):
+    padded, normalised images (B x 3 x S x S) in, their embeddings (B x C x S/p x S/p) out.
     """
 
     def __init__(
@@ -113,17 +108,57 @@ class SAMImageEncoder(Backbone):
                 return self.encoder(images)
         return self.encoder(images)
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if x.shape[1] == 3:
-            x = self.encode(x)
-        elif x.dim() != 4 or x.shape[1] != self.out_chans or max(x.shape[-2:]) > self.embed_size:
-            raise ValueError(f"expected images or SAM embeddings, got a tensor of {tuple(x.shape)}")
-        return {"sam_embed": x}
+    def check_embedding(self, embedding: torch.Tensor) -> None:
+        """Raise unless ``embedding`` is B x C x h x w with h, w <= S/p: this encoder's output,
+        possibly cropped at the bottom/right (``DESSAM.crop_to_images``)."""
+        if (
+            embedding.dim() != 4
+            or embedding.shape[1] != self.out_chans
+            or max(embedding.shape[-2:]) > self.embed_size
+        ):
+            raise ValueError(
+                f"expected SAM embeddings of {self.out_chans} x <={self.embed_size} x "
+                f"<={self.embed_size}, got a tensor of {tuple(embedding.shape)}"
+            )
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"sam_embed": self.encode(images)}
+
+
+class SAMFeaturePyramid(SimpleFeaturePyramid):
+    """Detectron2's SimpleFeaturePyramid on the SAM encoder (``net``), with its two halves public.
+
+    ``encode(images)`` runs SAM's encoder (B x 3 x S x S normalised images -> B x C x S/p x S/p
+    embeddings) and ``from_embedding(embedding)`` builds the pyramid levels from an embedding
+    (computed, read from the embedding cache, cropped to the images' extent): DES-SAM decides when
+    the encoder runs. ``forward(images)`` is both, Detectron2's Backbone contract (the fully
+    supervised reference's ``GeneralizedRCNN`` uses it).
+    """
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.encode(images)
+
+    def from_embedding(self, embedding: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The pyramid levels ("p2".."p5") of SAM embeddings (B x C x h x w)."""
+        self.net.check_embedding(embedding)
+        bottom_up = {self.in_feature: embedding}
+        results = [stage(embedding) for stage in self.stages]
+        if self.top_block is not None:
+            name = self.top_block.in_feature
+            if name in bottom_up:
+                results.extend(self.top_block(bottom_up[name]))
+            else:
+                results.extend(self.top_block(results[self._out_features.index(name)]))
+        return dict(zip(self._out_features, results))
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.from_embedding(self.encode(images))
 
 
 @BACKBONE_REGISTRY.register()
 def build_sam_sfp_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
-    """SAM encoder + Detectron2's SimpleFeaturePyramid (scales 4, 2, 1, 0.5 -> p2..p5)."""
+    """SAM encoder + Detectron2's SimpleFeaturePyramid (scales 4, 2, 1, 0.5 -> p2..p5): a
+    ``SAMFeaturePyramid``."""
     sam = cfg.MODEL.SAM
     encoder = SAMImageEncoder(
         img_size=sam.IMAGE_SIZE,
@@ -132,7 +167,7 @@ def build_sam_sfp_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
         freeze=sam.FREEZE_ENCODER,
         **sam_encoder_shape(cfg),
     )
-    return SimpleFeaturePyramid(
+    return SAMFeaturePyramid(
         net=encoder,
         in_feature="sam_embed",
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,

@@ -101,12 +101,11 @@ def results_table(rows: Dict[str, Dict]) -> str:
 @contextlib.contextmanager
 def without_learnable_tokens(model):
     """Inference with SAM's own output tokens only (the paper's ablation without the prompt)."""
-    head = model.roi_heads.mask_head
-    head.tokens_at_inference = False
+    previous = model.set_learnable_tokens(False)
     try:
         yield model
     finally:
-        head.tokens_at_inference = True
+        model.set_learnable_tokens(previous)
 
 
 @torch.no_grad()
@@ -165,13 +164,15 @@ def evaluate_box_prior_gt(cfg, dataset_name: str, output_folder: str) -> Dict:
 
 class EllipsesInDetections(torch.nn.Module):
     """A detector's outputs with each mask replaced by the ellipse inscribed in its box (the box
-    prior on detector boxes); ``roi_heads`` is the detector's, so ``Trainer.test`` applies the
-    same per-test-set score thresholds."""
+    prior on detector boxes); its score threshold is the detector's, so ``Trainer.test`` applies
+    the same per-test-set score thresholds."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.roi_heads = model.roi_heads
+
+    def set_score_threshold(self, value: float) -> float:
+        return self.model.set_score_threshold(value)
 
     def forward(self, batched_inputs):
         outputs = self.model(batched_inputs)
@@ -318,10 +319,9 @@ def run_demo(config_file: str = "configs/dessam_demo.yaml", opts: Sequence[str] 
     print(f"[demo] predicting {len(images)} held-out images into {prediction_dir}")
     predict_images(Predictor(model), images, prediction_dir, overwrite=True)
 
-    head = model.roi_heads.mask_head
-    change = float((head.learnable_tokens.detach() - head.learnable_tokens_init).norm())
+    token = model.token_stats()
+    change, norm = token["change"], token["norm"]
     summary = {"seed": cfg.SEED, "threads": torch.get_num_threads(), "tables": rows}
-    norm = float(head.learnable_tokens.detach().norm())
     summary["token"] = {"norm": norm, "change": change}
     with atomic_open(os.path.join(cfg.OUTPUT_DIR, "demo_results.json")) as f:
         f.write(json.dumps(summary, indent=1, default=float).encode())

@@ -2,7 +2,8 @@
 mask head, trained on the ground-truth masks (the paper's Table 3 baseline, in miniature).
 
 It is the only model in this project that reads masks in training, and it lives here, outside
-DES-SAM's model code: Detectron2's own ``GeneralizedRCNN`` and ``StandardROIHeads`` with
+DES-SAM's model code: Detectron2's own ``GeneralizedRCNN`` (as ``ReferenceRCNN``, with the
+score-threshold setter ``Trainer.test`` calls) and ``StandardROIHeads`` with
 ``MaskRCNNConvUpsampleHead``, on DES-SAM's backbone (the frozen SAM encoder + SimpleFeaturePyramid,
 loaded from the same SAM checkpoint), RPN and box head, same schedule, same seed.
 """
@@ -14,13 +15,21 @@ from typing import Dict
 from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
 from ..data.image_io import read_image_rgb
 from ..data.transforms import sam_model_input
 from ..engine import Trainer
 from ..modeling.sam_weights import read_sam_state_dict
+from ..modeling.settings import DetectorSettings
 
-__all__ = ["reference_config", "ReferenceTrainer", "MaskSupervisedMapper"]
+__all__ = ["reference_config", "ReferenceRCNN", "ReferenceTrainer", "MaskSupervisedMapper"]
+
+
+@META_ARCH_REGISTRY.register()
+class ReferenceRCNN(DetectorSettings, GeneralizedRCNN):
+    """Detectron2's GeneralizedRCNN with DES-SAM's public settings (``set_score_threshold``,
+    ``set_detections_per_image``)."""
 
 
 def reference_config(cfg: CfgNode) -> CfgNode:
@@ -28,7 +37,7 @@ def reference_config(cfg: CfgNode) -> CfgNode:
     pyramid's channels), outputs under OUTPUT_DIR/reference_mask_rcnn."""
     ref = cfg.clone()
     ref.defrost()
-    ref.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    ref.MODEL.META_ARCHITECTURE = "ReferenceRCNN"
     ref.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
     ref.MODEL.MASK_ON = True
     ref.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"

@@ -1,0 +1,56 @@
+"""DES-SAM's detections from the model's frame (resized, padded to S x S) to the original image."""
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.structures import Instances
+
+__all__ = ["mask_logits_to_original", "detections_to_original"]
+
+
+def mask_logits_to_original(
+    logits: torch.Tensor,
+    padded_size: int,
+    input_size: Tuple[int, int],
+    original_size: Tuple[int, int],
+) -> torch.Tensor:
+    """B x C x m x m mask logits over the padded ``padded_size`` square -> B x C x H x W over the
+    original image: upsample to the square, crop the resized image's extent ``input_size``
+    (h, w), resize to ``original_size`` (H, W), bilinearly. The same numbers as
+    segment-anything's ``Sam.postprocess_masks`` with ``image_encoder.img_size = padded_size``
+    (tests/test_modeling_postprocess.py)."""
+    square = (padded_size, padded_size)
+    logits = F.interpolate(logits, square, mode="bilinear", align_corners=False)
+    logits = logits[..., : input_size[0], : input_size[1]]
+    return F.interpolate(logits, original_size, mode="bilinear", align_corners=False)
+
+
+def detections_to_original(
+    results: Instances,
+    input_size: Tuple[int, int],
+    original_size: Tuple[int, int],
+    padded_size: int,
+    mask_logit_threshold: float,
+) -> Instances:
+    """Boxes and masks of ``results`` (``pred_boxes``, ``scores``, ``pred_classes``,
+    ``pred_mask_logits``) from the resized image ``input_size`` (h, w) padded to ``padded_size``
+    back to ``original_size`` (H, W): float32 scores and boxes (scaled, clipped), bool masks
+    (logits > ``mask_logit_threshold``) whatever dtype the model computed in."""
+    height, width = original_size
+    h, w = input_size
+    out = Instances((height, width))
+    boxes = results.pred_boxes.clone()
+    boxes.tensor = boxes.tensor.float()
+    boxes.scale(width / w, height / h)
+    boxes.clip((height, width))
+    out.pred_boxes = boxes
+    out.scores = results.scores.float()
+    out.pred_classes = results.pred_classes
+    logits = results.pred_mask_logits.float()
+    masks = []
+    for chunk in logits.split(16):  # bounded memory with hundreds of nuclei
+        up = mask_logits_to_original(chunk, padded_size, (h, w), (height, width))
+        masks.append(up[:, 0] > mask_logit_threshold)
+    out.pred_masks = torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool)
+    return out
