@@ -141,15 +141,15 @@ class SAMFeaturePyramid(SimpleFeaturePyramid):
     def from_embedding(self, embedding: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The pyramid levels ("p2".."p5") of SAM embeddings (B x C x h x w)."""
         self.net.check_embedding(embedding)
-        bottom_up = {self.in_feature: embedding}
+        names = list(self.output_shape())  # p2, p3, ... (then the top block's, if any)
         results = [stage(embedding) for stage in self.stages]
         if self.top_block is not None:
             name = self.top_block.in_feature
-            if name in bottom_up:
-                results.extend(self.top_block(bottom_up[name]))
+            if name == self.in_feature:
+                results.extend(self.top_block(embedding))
             else:
-                results.extend(self.top_block(results[self._out_features.index(name)]))
-        return dict(zip(self._out_features, results))
+                results.extend(self.top_block(results[names.index(name)]))
+        return dict(zip(names, results))
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.from_embedding(self.encode(images))
