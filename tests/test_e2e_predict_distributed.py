@@ -12,9 +12,9 @@ import pytest
 from conftest import SMALL
 from test_inference_slides import predictor
 
-from dessam_d2.data.synthetic import render_synthetic_image
-from dessam_d2.data.synthetic_slide import write_synthetic_slide
-from dessam_d2.inference.slides import predict_slide, predict_slide_distributed, slide_output_paths
+from dessam_d2.data.synthetic.cytology import render_synthetic_image
+from dessam_d2.data.synthetic.slide import write_synthetic_slide
+from dessam_d2.inference.slides import predict_slide, slide_output_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLIDE_FILES = ("cyto.geojson", "cyto_nuclei.csv", "cyto_labels.tif")
@@ -32,12 +32,14 @@ def test_shared_tiles_resume_and_assemble_to_the_one_process_files(tmp_path):
 
     kw = dict(progress=False, label_tiff=True)
     with pytest.raises(KeyboardInterrupt):
-        predict_slide_distributed(predictor(fail_at=1), slide, str(two), 0, 2, **kw)
+        predict_slide(predictor(fail_at=1), slide, str(two), rank=0, world_size=2, **kw)
     rank1 = predictor()
-    predicted1, background, nuclei1 = predict_slide_distributed(rank1, slide, str(two), 1, 2, **kw)
+    predicted1, background, nuclei1 = predict_slide(
+        rank1, slide, str(two), rank=1, world_size=2, **kw
+    )
     assert nuclei1 == 0 and not (two / "cyto_nuclei.csv").exists()
     rank0 = predictor()
-    predicted0, _, nuclei = predict_slide_distributed(rank0, slide, str(two), 0, 2, **kw)
+    predicted0, _, nuclei = predict_slide(rank0, slide, str(two), rank=0, world_size=2, **kw)
     assert predicted0 + predicted1 == single.model.calls and abs(predicted0 - predicted1) <= 1
     assert rank0.model.calls == predicted0  # assembling predicted nothing again
     assert nuclei > 20 and background > 0
@@ -56,8 +58,8 @@ def test_one_process_finishes_what_two_left(tmp_path):
     predict_slide(single, slide, str(one), progress=False, label_tiff=True)
     kw = dict(progress=False, label_tiff=True)
     with pytest.raises(KeyboardInterrupt):
-        predict_slide_distributed(predictor(fail_at=1), slide, str(two), 0, 2, **kw)
-    done, _, _ = predict_slide_distributed(predictor(), slide, str(two), 1, 2, **kw)
+        predict_slide(predictor(fail_at=1), slide, str(two), rank=0, world_size=2, **kw)
+    done, _, _ = predict_slide(predictor(), slide, str(two), rank=1, world_size=2, **kw)
     rest = predictor()
     predict_slide(rest, slide, str(two), progress=False, label_tiff=True)
     assert rest.model.calls == single.model.calls - done

@@ -12,9 +12,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from dessam_d2.config import load_config
-from dessam_d2.data.synthetic import generate_synthetic_dataset
+from dessam_d2.data.synthetic.cytology import generate_synthetic_dataset
 from dessam_d2.inference.annotate import boxes_to_masks
-from dessam_d2.inference.predictor import Predictor, load_model_for_inference
+from dessam_d2.inference.predictor import Predictor
+from dessam_d2.modeling.checkpointer import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A random tiny SAM whatever the demo config loads: these tests need shapes, not knowledge.
@@ -70,9 +71,7 @@ def test_boxes_to_masks_command(weights_and_images, tmp_path):
     assert len(written) == n_boxes
     # --student reaches the model: the file equals the student's masks computed in-process
     # from the same weights, and differs from the teacher's.
-    model = load_model_for_inference(
-        load_config("configs/dessam_demo.yaml", OVERRIDES), str(weights)
-    )
+    model = load_model(load_config("configs/dessam_demo.yaml", OVERRIDES), str(weights))
     expected = {}
     for student in (True, False):
         path = tmp_path / f"in_process_{student}.json"

@@ -5,10 +5,10 @@ import numpy as np
 import shapely
 from shapely.geometry import shape
 
-from dessam_d2.data.synthetic import render_synthetic_image
+from dessam_d2.data.synthetic.cytology import render_synthetic_image
 from dessam_d2.evaluation.metrics import masks_to_label_map
+from dessam_d2.inference.features import label_polygons, to_geojson
 from dessam_d2.inference.outlines import mask_polygons, one_piece_per_nucleus, ring_area
-from dessam_d2.inference.predictor import label_polygons, to_geojson
 
 
 def test_one_pixel_is_its_unit_square_counter_clockwise_as_numbers():

@@ -12,9 +12,10 @@ from conftest import tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from dessam_d2.data import DESSAMDatasetMapper
+from dessam_d2.data.mapper import DESSAMDatasetMapper
 from dessam_d2.inference.annotate import boxes_to_masks
-from dessam_d2.inference.predictor import Predictor, predict_images
+from dessam_d2.inference.images import predict_images
+from dessam_d2.inference.predictor import Predictor
 from dessam_d2.modeling.embedding_cache import EmbeddingCache
 from dessam_d2.utils.hashing import module_fingerprint
 

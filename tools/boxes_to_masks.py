@@ -38,7 +38,9 @@ def main(args) -> int:
     # Imported here, after parsing: --help and usage errors need no torch.
     from dessam_d2.config import load_config
     from dessam_d2.inference.annotate import boxes_to_masks
-    from dessam_d2.inference.predictor import Predictor, load_model_for_inference, resolve_weights
+    from dessam_d2.inference.predictor import Predictor
+    from dessam_d2.inference.weights import resolve_weights
+    from dessam_d2.modeling.checkpointer import load_model
 
     cfg = load_config(args.config_file, args.opts)
     # The teacher needs only SAM's weights; the student needs a trained DES-SAM.
@@ -49,7 +51,7 @@ def main(args) -> int:
     weights = resolve_weights(
         cfg, args.weights, args.random_weights or has_sam, args.config_file, flag
     )
-    model = load_model_for_inference(cfg, weights)
+    model = load_model(cfg, weights)
     summary = boxes_to_masks(
         Predictor(model, image_format=cfg.INPUT.FORMAT),
         args.annotations,

@@ -5,7 +5,7 @@
         --weights output/clusterseg/model_final.pth --input slides/*.png --output predictions/
 
 Writes per image a 16-bit label image, an overlay, a per-nucleus CSV and a QuPath GeoJSON, and
-one COCO results JSON for all images (see dessam_d2/inference/predictor.py). Images larger than
+one COCO results JSON for all images (see dessam_d2/inference/outputs.py). Images larger than
 --tile-size are tiled with --tile-overlap and merged without duplicate or cut nuclei.
 
 Several processes or machines (Detectron2's launch; without a GPU, CPU processes with gloo):
@@ -70,37 +70,17 @@ def parse_args(argv=None):
         help="holes and islands under this many pixels go with --clean-masks (default: 70, "
         "the release's)",
     )
-    add_slide_arguments(p)  # whole-slide images: dessam_d2/inference/slides.py
+    add_slide_arguments(p)  # whole-slide images: dessam_d2/inference/slides/
     add_launch_arguments(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p.parse_args(argv)  # fmt: skip
 
 
-def run_distributed(predictor, slides, images, args) -> int:
-    """main() in one process of several: the same work shared out, process 0 prints."""
-    from detectron2.utils import comm
-
-    from dessam_d2.inference.predictor import predict_images_distributed
-    from dessam_d2.inference.slides import run_slides
-
-    status = run_slides(predictor, slides, args, distributed=True) if slides else 0
-    if slides and not images:
-        return status
-    summary = predict_images_distributed(
-        predictor, images, args.output, args.overwrite, progress=comm.get_rank() == 0
-    )
-    status = max(status, exit_status(summary.done + summary.skipped, len(summary.failed)))
-    if comm.get_rank() == 0:
-        print(summary.table())
-        for message in summary.failed.values():
-            print(f"failed: {message}")
-        print(f"outputs in {args.output}")
-        if summary.failed and not summary.done + summary.skipped:
-            print(
-                f"error: none of the {len(images)} image(s) could be read: see above",
-                file=sys.stderr,
-            )
-    return status
+def report(summary, output: str) -> None:
+    print(summary.table())
+    for message in summary.failed.values():
+        print(f"failed: {message}")
+    print(f"outputs in {output}")
 
 
 def main(args) -> int:
@@ -110,48 +90,46 @@ def main(args) -> int:
     from detectron2.utils import comm
 
     from dessam_d2.config import load_config
-    from dessam_d2.inference.predictor import (
-        Predictor,
-        collect_images,
-        load_model_for_inference,
-        predict_images,
-        resolve_weights,
-    )
-    from dessam_d2.inference.slides import run_slides, split_slides
+    from dessam_d2.inference.images import predict_images
+    from dessam_d2.inference.inputs import split_slides
+    from dessam_d2.inference.predictor import Predictor
+    from dessam_d2.inference.slides import parse_roi, predict_slides
+    from dessam_d2.inference.weights import resolve_weights
+    from dessam_d2.modeling.checkpointer import load_model
 
     cfg = load_config(args.config_file, args.opts)
-    slides, inputs = split_slides(args.input)  # whole-slide images: dessam_d2/inference/slides.py
-    # nothing found at all: collect_images names the inputs given in its error
-    images = collect_images(inputs or args.input) if inputs or not slides else []
+    slides, images = split_slides(args.input)  # whole-slide images: dessam_d2/inference/slides/
     flag = "--weights output/<run>/model_final.pth"
     weights = resolve_weights(cfg, args.weights, args.random_weights, args.config_file, flag)
     if not weights:  # random weights: the same model in every process and every run
         torch.manual_seed(max(cfg.SEED, 0))
-    model = load_model_for_inference(cfg, weights)
+    model = load_model(cfg, weights)
     predictor = Predictor(
-        model,
-        args.tile_size,
-        args.tile_overlap,
-        cfg.INPUT.FORMAT,
-        clean_masks=args.clean_masks,
-        min_area=args.min_area,
+        model, args.tile_size, args.tile_overlap, cfg.INPUT.FORMAT, args.clean_masks, args.min_area
     )
-    if comm.get_world_size() > 1:
-        return run_distributed(predictor, slides, images, args)
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    run = dict(overwrite=args.overwrite, progress=rank == 0, rank=rank, world_size=world_size)
+    status = 0
     if slides:
-        status = run_slides(predictor, slides, args)
-        if not images:
-            return status
-    summary = predict_images(predictor, images, args.output, overwrite=args.overwrite)
-    print(summary.table())
-    for path, message in summary.failed.items():
-        print(f"failed: {message}")
-    print(f"outputs in {args.output}")
-    status = exit_status(summary.done + summary.skipped, len(summary.failed))
-    if status == EXIT_USER_ERROR:
-        print(
-            f"error: none of the {len(images)} image(s) could be read: see above", file=sys.stderr
-        )
+        roi, tissue = parse_roi(args.roi), not args.all_tiles
+        summary = predict_slides(
+            predictor, slides, args.output, level=args.level, mpp=args.mpp,
+            slide_mpp=args.slide_mpp, roi=roi, detect_tissue=tissue, label_tiff=args.label_tiff,
+            **run,
+        )  # fmt: skip
+        status = 1 if summary.failed else 0
+        if rank == 0:
+            report(summary, args.output)
+    if images:
+        summary = predict_images(predictor, images, args.output, **run)
+        status = max(status, exit_status(summary.done + summary.skipped, len(summary.failed)))
+        if rank == 0:
+            report(summary, args.output)
+        if rank == 0 and status == EXIT_USER_ERROR:
+            print(
+                f"error: none of the {len(images)} image(s) could be read: see above",
+                file=sys.stderr,
+            )
     return status
 
 

@@ -41,7 +41,8 @@ from ..config import (
 from ..data import DESSAMDatasetMapper, default_dataset_root, make_synthetic_cytology
 from ..data.image_io import read_image_rgb
 from ..engine import Trainer
-from ..inference.predictor import Predictor, predict_images
+from ..inference.images import predict_images
+from ..inference.predictor import Predictor
 from ..utils.io import atomic_open
 from .box_prior import ellipse_instances, gt_boxes_of
 from .reference import ReferenceTrainer, reference_config
