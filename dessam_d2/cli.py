@@ -12,7 +12,7 @@ import logging
 import sys
 import warnings
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from .errors import UserError
 from .utils.console import one_line_message
@@ -28,9 +28,11 @@ __all__ = [
     "EXIT_DONE",
     "EXIT_SOME_SKIPPED",
     "EXIT_USER_ERROR",
+    "LAUNCH_DEFAULTS",
     "add_launch_arguments",
     "launch_cli",
     "launch_error",
+    "launch_flags",
     "MALLOC_TUNING_SWITCH",
     "exit_status",
     "run_cli",
@@ -64,6 +66,10 @@ def run_cli(main: Callable, *args):
         sys.exit(e.exit_code)
 
 
+# Detectron2's launch options and their defaults (one process on one machine)
+LAUNCH_DEFAULTS = {"--num-gpus": 1, "--num-machines": 1, "--machine-rank": 0, "--dist-url": "auto"}
+
+
 def add_launch_arguments(parser, gpus_help: str = "") -> None:
     """Detectron2's ``launch`` options, named as in its ``default_argument_parser`` (which
     imports torch: the tools parse before importing it)."""
@@ -73,20 +79,39 @@ def add_launch_arguments(parser, gpus_help: str = "") -> None:
     group.add_argument(
         "--num-gpus",
         type=int,
-        default=1,
+        default=LAUNCH_DEFAULTS["--num-gpus"],
         help=gpus_help
         or "processes per machine: one per GPU, or CPU processes when there is no GPU "
         "(then set OMP_NUM_THREADS to cores / processes)",
     )
-    group.add_argument("--num-machines", type=int, default=1, help="total number of machines")
     group.add_argument(
-        "--machine-rank", type=int, default=0, help="the rank of this machine (0 ... M-1)"
+        "--num-machines",
+        type=int,
+        default=LAUNCH_DEFAULTS["--num-machines"],
+        help="total number of machines",
+    )
+    group.add_argument(
+        "--machine-rank",
+        type=int,
+        default=LAUNCH_DEFAULTS["--machine-rank"],
+        help="the rank of this machine (0 ... M-1)",
     )
     group.add_argument(
         "--dist-url",
-        default="auto",
+        default=LAUNCH_DEFAULTS["--dist-url"],
         help="machine 0's tcp://host:port, the same on every machine (one machine: a free port)",
     )
+
+
+def launch_flags(args) -> List[str]:
+    """The launch options of ``args`` that differ from their defaults, as command-line flags for
+    a child ``tools/train_net.py`` (e.g. ``["--num-gpus", "4"]``)."""
+    flags = []
+    for flag, default in LAUNCH_DEFAULTS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value != default:
+            flags += [flag, str(value)]
+    return flags
 
 
 def launch_error(args) -> Optional[str]:

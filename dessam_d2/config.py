@@ -26,6 +26,7 @@ __all__ = [
     "apply_epoch_schedule",
     "check_dataset_names",
     "score_thresholds_per_test_set",
+    "score_threshold_of",
 ]
 
 
@@ -243,3 +244,12 @@ def score_thresholds_per_test_set(cfg: CfgNode) -> List[float]:
     if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in values):
         raise ConfigError(f"DATASETS.TEST_SCORE_THRESH {tuple(values)}: scores lie in [0, 1]")
     return [float(v) for v in values]
+
+
+def score_threshold_of(cfg: CfgNode, dataset_name: str) -> float:
+    """The box score threshold of one test set: its DATASETS.TEST_SCORE_THRESH entry when it is
+    in DATASETS.TEST, else MODEL.ROI_HEADS.SCORE_THRESH_TEST."""
+    names = list(cfg.DATASETS.TEST)
+    if dataset_name in names:
+        return score_thresholds_per_test_set(cfg)[names.index(dataset_name)]
+    return float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)

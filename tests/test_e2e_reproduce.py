@@ -1,24 +1,29 @@
-"""tools/reproduce_paper.py end to end: CNSeg labelme and ISBI .mat fixtures in their real formats,
-a tiny random SAM saved in the official checkpoint format, 2 iterations per run, two seeds."""
+"""tools/reproduce_paper.py (dessam_d2/recipes/reproduce.py) end to end: CNSeg labelme and ISBI
+.mat fixtures in their real formats, a tiny random SAM saved in the official checkpoint format, 2
+iterations per run, two seeds."""
 
 import csv
 import json
 import math
 import os
 import re
+import runpy
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import ROOT, tiny_cfg
 from detectron2.modeling import build_model
-from test_data_cnseg import _label
-from test_data_isbi2014 import _write_v73
+from test_data_converters_cnseg import _label
+from test_data_converters_isbi2014 import _write_v73
 
 from dessam_d2.cli import run_cli
-from dessam_d2.recipes.reproduce import main, parse_args, train_command
+from dessam_d2.recipes.reproduce import train_command
 from dessam_d2.recipes.reproduce_tables import write_tables
+
+TOOL = runpy.run_path(os.path.join(ROOT, "tools", "reproduce_paper.py"))  # not as __main__
+main, parse_args = TOOL["main"], TOOL["parse_args"]
 
 TINY = [
     "MODEL.SAM.VARIANT", "custom",

@@ -17,9 +17,11 @@ def main():
     p.add_argument("--config-file", default="configs/dessam_demo.yaml")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args()
-    from dessam_d2.recipes.demo import run_demo  # after parsing: --help needs no torch
+    from dessam_d2.recipes.demo import demo_report, run_demo  # after parsing: --help needs no torch
 
-    run_cli(run_demo, args.config_file, args.opts)
+    result = run_cli(run_demo, args.config_file, args.opts, print)
+    for block in demo_report(result):
+        print(block)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ output folder (output/demo_spread/seed<S>_threads<T>/); finished runs are reused
 """
 
 import argparse
-import os
-import subprocess
 import sys
 
 
@@ -24,33 +22,14 @@ def main():
     args = p.parse_args()
 
     import dessam_d2.cli  # noqa: F401  (first: silences fvcore's torch.jit warning)
-    from dessam_d2.recipes.demo import ensure_synthetic_data, spread_report
+    from dessam_d2.recipes.demo_spread import run_spread
 
-    ensure_synthetic_data()  # once, before runs start in parallel
-    runs, pending = [], []
-    for seed in args.seeds:
-        for threads in args.threads:
-            out = os.path.join(args.output, f"seed{seed}_threads{threads}")
-            runs.append(out)
-            if not os.path.isfile(os.path.join(out, "demo_results.json")):
-                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-                cmd = [sys.executable, "tools/demo.py", "SEED", str(seed), "OUTPUT_DIR", out]
-                pending.append((cmd + list(args.opts), env, out))
-    active = []
-    while pending or active:
-        while pending and len(active) < args.parallel:
-            cmd, env, out = pending.pop(0)
-            os.makedirs(out, exist_ok=True)
-            log = open(os.path.join(out, "demo_console.txt"), "w")
-            print(f"[spread] {' '.join(cmd[1:])} (OMP_NUM_THREADS={env['OMP_NUM_THREADS']})")
-            active.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=log), out))
-        proc, out = active.pop(0)
-        if proc.wait() != 0:
-            print(f"[spread] run failed: see {out}/demo_console.txt", file=sys.stderr)
-    report = spread_report(runs)
-    with open(os.path.join(args.output, "spread.md"), "w") as f:
-        f.write(report)
-    print(report)
+    result = run_spread(
+        args.seeds, args.threads, args.output, args.opts, parallel=args.parallel, progress=print
+    )
+    for out in result.failed:
+        print(f"[spread] run failed: see {out}/demo_console.txt", file=sys.stderr)
+    print(result.report)
 
 
 if __name__ == "__main__":

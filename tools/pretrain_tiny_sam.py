@@ -36,51 +36,45 @@ def main():
     )
     args = p.parse_args()
 
-    import json
     import logging
-    import os
     import sys
 
     import torch
 
     from dessam_d2.cli import run_cli
     from dessam_d2.config import load_config
-    from dessam_d2.recipes.pretrain_tiny_sam import pretrain_tiny_sam
+    from dessam_d2.recipes.pretrain_tiny_sam import pretrain_tiny_sam, write_pretraining_log
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-
-    def run():
-        cfg = load_config(args.config_file, ["MODEL.SAM.CHECKPOINT", ""])
-        log = pretrain_tiny_sam(
-            cfg,
-            args.output,
-            args.iterations,
-            args.batch,
-            args.lr,
-            seed=args.seed,
-            init=args.init,
-            first_scene=args.first_scene,
-            num_objects=tuple(args.objects),
-            stop_after=args.stop_after,
-            max_boxes=args.max_boxes,
-            jitter=args.jitter,
-            warmup=args.warmup,
-            eval_every=args.eval_every,
-            tie_keys=not args.no_tie_keys,
-            alike=args.alike,
-            pe_scale=args.pe_scale,
-        )
-        log.update(config=args.config_file, threads=args.threads, torch=torch.__version__)
-        log["command"] = " ".join(sys.argv)
-        with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
-            json.dump(log, f, indent=1)
-        print(
-            f"wrote {args.output}: held-out mask IoU {log['held_out_iou_before']:.3f} -> "
-            f"{log['held_out_iou_after']:.3f}"
-        )
-
-    run_cli(run)
+    cfg = run_cli(load_config, args.config_file, ["MODEL.SAM.CHECKPOINT", ""])
+    log = run_cli(
+        pretrain_tiny_sam,
+        cfg,
+        args.output,
+        args.iterations,
+        args.batch,
+        args.lr,
+        seed=args.seed,
+        init=args.init,
+        first_scene=args.first_scene,
+        num_objects=tuple(args.objects),
+        stop_after=args.stop_after,
+        max_boxes=args.max_boxes,
+        jitter=args.jitter,
+        warmup=args.warmup,
+        eval_every=args.eval_every,
+        tie_keys=not args.no_tie_keys,
+        alike=args.alike,
+        pe_scale=args.pe_scale,
+    )
+    log.update(config=args.config_file, threads=args.threads, torch=torch.__version__)
+    log["command"] = " ".join(sys.argv)
+    write_pretraining_log(log, args.output)
+    print(
+        f"wrote {args.output}: held-out mask IoU {log['held_out_iou_before']:.3f} -> "
+        f"{log['held_out_iou_after']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import contextlib
 import json
 import logging
 import os
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,19 +33,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
-from ..config import (
-    apply_epoch_schedule,
-    load_config,
-    num_training_images,
-    score_thresholds_per_test_set,
-)
-from ..data import DESSAMDatasetMapper, default_dataset_root, make_synthetic_cytology
-from ..data.image_io import read_image_rgb
+from ..config import apply_epoch_schedule, load_config, num_training_images, score_threshold_of
+from ..data.datasets import default_dataset_root
+from ..data.mapper import DESSAMDatasetMapper
+from ..data.synthetic.cytology import make_synthetic_cytology
 from ..engine import Trainer
 from ..inference.images import predict_images
 from ..inference.predictor import Predictor
 from ..utils.io import atomic_open
 from .box_prior import ellipse_instances, gt_boxes_of
+from .demo_picture import comparison_picture
 from .reference import ReferenceTrainer, reference_config
 
 logger = logging.getLogger("dessam_d2.demo")
@@ -60,11 +58,34 @@ BOX_PRIOR_DET = "box prior, detector boxes"
 REFERENCE = "fully supervised reference"
 
 
-def ensure_synthetic_data(num_train: int = 48, num_test: int = 12) -> str:
+Progress = Callable[[str], None]
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo measured and wrote (``demo_report`` makes the console text of it)."""
+
+    tables: Dict[str, Dict[str, Dict]]  # test set -> row (model) -> metrics
+    token_norm: float  # the learnable token's norm after training
+    token_change: float  # and how far it moved from its initial value
+    picture: str  # ground truth | teacher | DES-SAM (PNG)
+    prediction_dir: str  # labels, CSV, GeoJSON and overlays of the held-out images
+    output_dir: str  # the run's OUTPUT_DIR
+    data_set: str  # the first test set's annotation file
+
+
+def ensure_synthetic_data(
+    num_train: int = 48, num_test: int = 12, progress: Progress = _silent
+) -> str:
+    """The synthetic cytology data set under the data root, generated unless it is there."""
     root = os.path.join(default_dataset_root(), "synthetic_cytology")
     have = all(os.path.isfile(os.path.join(root, s, "annotations.json")) for s in SPLITS)
     if not have:
-        print(
+        progress(
             f"[demo] generating synthetic cytology ({num_train} train, {num_test} test, "
             f"{num_test} test in a shifted stain) in {root}"
         )
@@ -75,16 +96,10 @@ def ensure_synthetic_data(num_train: int = 48, num_test: int = 12) -> str:
 def _test_on(cfg, model, dataset_name: str, evaluator) -> Dict:
     """``Trainer.test`` on one test set, with its own box score threshold (a set that is not in
     DATASETS.TEST gets MODEL.ROI_HEADS.SCORE_THRESH_TEST)."""
-    names = list(cfg.DATASETS.TEST)
-    threshold = (
-        score_thresholds_per_test_set(cfg)[names.index(dataset_name)]
-        if dataset_name in names
-        else cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
-    )
     one = cfg.clone()
     one.defrost()
     one.DATASETS.TEST = (dataset_name,)
-    one.DATASETS.TEST_SCORE_THRESH = (threshold,)
+    one.DATASETS.TEST_SCORE_THRESH = (score_threshold_of(cfg, dataset_name),)
     one.freeze()
     return Trainer.test(one, model, evaluators=[evaluator])
 
@@ -185,64 +200,6 @@ class EllipsesInDetections(torch.nn.Module):
         return outputs
 
 
-def _outlined(image: np.ndarray, label_map: np.ndarray, colour, scale: int) -> np.ndarray:
-    """``image`` enlarged ``scale`` times (nearest) with each labelled object's outline drawn."""
-    import cv2
-
-    big = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-    labels = cv2.resize(label_map, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-    for i in np.unique(labels)[1:]:
-        contours, _ = cv2.findContours(
-            (labels == i).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
-        )
-        cv2.drawContours(big, contours, -1, colour, 2)
-    return big
-
-
-def _label_map(masks: torch.Tensor, scores: torch.Tensor) -> np.ndarray:
-    """H x W int32 map of N bool masks, the higher score on top."""
-    masks = masks.cpu().numpy()
-    out = np.zeros(masks.shape[1:], np.int32)
-    for rank, i in enumerate(np.argsort(scores.cpu().numpy())):
-        out[masks[i]] = rank + 1
-    return out
-
-
-@torch.no_grad()
-def comparison_picture(cfg, model, dataset_name: str, path: str, index: int = 0, scale: int = 3):
-    """PNG of one held-out image: ground truth | teacher (SAM + true boxes) | DES-SAM outlines,
-    enlarged ``scale`` times so outlines are visible. Returns the path."""
-    import cv2
-
-    from ..evaluation.nuclei_evaluator import annotations_to_label_map
-
-    record = DatasetCatalog.get(dataset_name)[index]
-    inputs = DESSAMDatasetMapper(cfg, is_train=False)(record)
-    h, w = record["height"], record["width"]
-    image = read_image_rgb(record["file_name"])
-    scale_in = inputs["image"].shape[-1] / w
-    boxes = torch.as_tensor(gt_boxes_of(record), dtype=torch.float32) * scale_in
-    model.eval()
-    teacher = model.segment_boxes([inputs], [boxes], student=False)[0]["instances"]
-    student = model([inputs])[0]["instances"]
-    panels = [
-        ("ground truth", annotations_to_label_map(record["annotations"], h, w), (0, 200, 0)),
-        ("teacher: SAM + true boxes", _label_map(teacher.pred_masks, teacher.scores), (0, 0, 255)),
-        ("DES-SAM", _label_map(student.pred_masks, student.scores), (255, 0, 0)),
-    ]
-    tiles = []
-    for title, labels, colour in panels:
-        tile = _outlined(image, labels.astype(np.int32), colour, scale)
-        cv2.putText(tile, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3)
-        cv2.putText(tile, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1)
-        tiles.append(tile)
-    gap = np.full((tiles[0].shape[0], 6, 3), 255, np.uint8)
-    picture = np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1)
-    with atomic_open(path) as f:
-        f.write(cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))[1].tobytes())
-    return path
-
-
 def _quiet_console(logger_names: Sequence[str]) -> None:
     """Keep Detectron2's full model printout (``Model:\\n...``) out of the console; log.txt
     still has it."""
@@ -256,8 +213,15 @@ def _quiet_console(logger_names: Sequence[str]) -> None:
                 handler.addFilter(no_model_dump)
 
 
-def run_demo(config_file: str = "configs/dessam_demo.yaml", opts: Sequence[str] = ()) -> Dict:
-    ensure_synthetic_data()
+def run_demo(
+    config_file: str = "configs/dessam_demo.yaml",
+    opts: Sequence[str] = (),
+    progress: Progress = _silent,
+) -> DemoResult:
+    """Generate the data (once), train DES-SAM and the reference, evaluate every row of the
+    table on both held-out sets, predict the held-out images; ``progress`` gets one line per
+    step. Writes OUTPUT_DIR/demo_results.json (the tables, the seed, the threads, the token)."""
+    ensure_synthetic_data(progress=progress)
     cfg = load_config(config_file, list(opts))
     apply_epoch_schedule(cfg, num_training_images(cfg))
     cfg.freeze()
@@ -267,7 +231,7 @@ def run_demo(config_file: str = "configs/dessam_demo.yaml", opts: Sequence[str] 
     _quiet_console(["detectron2"])
     test_sets = [cfg.DATASETS.TEST[0], "dessam_synthetic_shifted_test"]
 
-    print(f"[demo] evaluating the untrained model on {', '.join(test_sets)}")
+    progress(f"[demo] evaluating the untrained model on {', '.join(test_sets)}")
     torch.manual_seed(cfg.SEED)
     untrained = Trainer.build_model(cfg)
     rows: Dict[str, Dict] = {}
@@ -277,14 +241,14 @@ def run_demo(config_file: str = "configs/dessam_demo.yaml", opts: Sequence[str] 
         rows[name] = {"untrained": _test_on(cfg, untrained, name, evaluator)}
     del untrained
 
-    print(f"[demo] training for {cfg.SOLVER.MAX_ITER} iterations on the CPU (progress every 20)")
+    progress(f"[demo] training for {cfg.SOLVER.MAX_ITER} iterations on the CPU (progress every 20)")
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
     model = trainer.model
 
     ref_cfg = reference_config(cfg)
-    print(
+    progress(
         f"[demo] training the fully supervised reference (Mask R-CNN mask head on the true "
         f"masks) for {ref_cfg.SOLVER.MAX_ITER} iterations"
     )
@@ -295,7 +259,7 @@ def run_demo(config_file: str = "configs/dessam_demo.yaml", opts: Sequence[str] 
     ref_trainer.train()
 
     for name in test_sets:
-        print(f"[demo] evaluating on {name}")
+        progress(f"[demo] evaluating on {name}")
         table = rows[name]
         out = os.path.join(cfg.OUTPUT_DIR, "inference_ablation", name)
         table[BOX_PRIOR_GT] = evaluate_box_prior_gt(cfg, name, os.path.join(out, "ellipse_gt"))
@@ -317,7 +281,7 @@ def run_demo(config_file: str = "configs/dessam_demo.yaml", opts: Sequence[str] 
     )
     prediction_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
     images = [d["file_name"] for d in DatasetCatalog.get(test_sets[0])]
-    print(f"[demo] predicting {len(images)} held-out images into {prediction_dir}")
+    progress(f"[demo] predicting {len(images)} held-out images into {prediction_dir}")
     predict_images(Predictor(model), images, prediction_dir, overwrite=True)
 
     token = model.token_stats()
@@ -326,68 +290,35 @@ def run_demo(config_file: str = "configs/dessam_demo.yaml", opts: Sequence[str] 
     summary["token"] = {"norm": norm, "change": change}
     with atomic_open(os.path.join(cfg.OUTPUT_DIR, "demo_results.json")) as f:
         f.write(json.dumps(summary, indent=1, default=float).encode())
-    for name, table in rows.items():
-        n = len(DatasetCatalog.get(name))
-        print(f"\nDES-SAM demo on {name} ({n} held-out images, metrics in %):\n")
-        print(results_table(table))
-    print(
-        f"\nLearnable token: norm {norm:.3f}, moved {change:.3f} "
-        f"from its initial value (token/* in metrics.json)\n"
-        f"Pictures: {prediction_dir}/*_overlay.png (labels, CSV, GeoJSON beside them); "
-        f"ground truth | teacher | DES-SAM: {picture}\n"
-        f"Model: {os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}\n"
-        f"Per-image metrics: {cfg.OUTPUT_DIR}/inference/<test set>/nuclei_metrics_<test set>.csv\n"
-        f"Data set: {MetadataCatalog.get(test_sets[0]).json_file}"
+    return DemoResult(
+        tables=rows,
+        token_norm=norm,
+        token_change=change,
+        picture=picture,
+        prediction_dir=prediction_dir,
+        output_dir=cfg.OUTPUT_DIR,
+        data_set=MetadataCatalog.get(test_sets[0]).json_file,
     )
-    return rows
 
 
-def spread_report(run_dirs: Sequence[str]) -> str:
-    """Markdown: per test set and row, mean ± std over the runs' demo_results.json, the worst
-    run's DES-SAM AJI and the list of runs."""
-    import numpy as np
-
-    results = []
-    for d in run_dirs:
-        path = os.path.join(d, "demo_results.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                results.append(json.load(f))
-    if not results:
-        return "no finished run\n"
-    lines = [
-        f"{len(results)} runs: "
-        + ", ".join(f"seed {r['seed']} x {r['threads']} thread(s)" for r in results)
-    ]
-    headers = ["model"] + HEADERS
-    for name in results[0]["tables"]:
-        body = []
-        for row in results[0]["tables"][name]:
-            vals = np.array(
-                [
-                    [r["tables"][name][row].get(t, {}).get(k, np.nan) for t, k in COLUMNS]
-                    for r in results
-                ]
-            )
-            body.append(
-                [row]
-                + [
-                    f"{m:.2f} ± {s:.2f}" if np.isfinite(m) else ""
-                    for m, s in zip(vals.mean(0), vals.std(0))
-                ]
-            )
-        lines += ["", f"**{name}** (mean ± std over the runs)", ""]
-        lines.append(tabulate(body, headers=headers, tablefmt="github"))
-        if "DES-SAM" in results[0]["tables"][name]:
-            aji = [r["tables"][name]["DES-SAM"]["nuclei"]["AJI"] for r in results]
-            worst = results[int(np.argmin(aji))]
-            lines.append(
-                f"\nworst DES-SAM run: seed {worst['seed']} x {worst['threads']} thread(s), "
-                + ", ".join(
-                    f"{h} {worst['tables'][name]['DES-SAM'][t][k]:.2f}"
-                    for (t, k), h in zip(COLUMNS, HEADERS)
-                    if k in worst["tables"][name]["DES-SAM"].get(t, {})
-                )
-                + f"; mean AJI {np.mean(aji):.2f}, worst - mean {min(aji) - np.mean(aji):+.2f}"
-            )
-    return "\n".join(lines) + "\n"
+def demo_report(
+    result: DemoResult, count_images: Optional[Callable[[str], int]] = None
+) -> Iterator[str]:
+    """The console text of a demo run, one block per ``print``: each test set's title and table,
+    then the token and where the files are. ``count_images(test set)``: its number of images
+    (default: loaded from the catalogue when its title is made, as the demo always did: the
+    loader's log line stands before that title on the console)."""
+    count = count_images or (lambda name: len(DatasetCatalog.get(name)))
+    for name, table in result.tables.items():
+        yield f"\nDES-SAM demo on {name} ({count(name)} held-out images, metrics in %):\n"
+        yield results_table(table)
+    out = result.output_dir
+    yield (
+        f"\nLearnable token: norm {result.token_norm:.3f}, moved {result.token_change:.3f} "
+        f"from its initial value (token/* in metrics.json)\n"
+        f"Pictures: {result.prediction_dir}/*_overlay.png (labels, CSV, GeoJSON beside them); "
+        f"ground truth | teacher | DES-SAM: {result.picture}\n"
+        f"Model: {os.path.join(out, 'model_final.pth')}\n"
+        f"Per-image metrics: {out}/inference/<test set>/nuclei_metrics_<test set>.csv\n"
+        f"Data set: {result.data_set}"
+    )

@@ -4,11 +4,11 @@ DES-SAM distils a SAM that already knows masks. The official SAM cannot ship wit
 so the demo uses a tiny SAM (the shapes of ``configs/dessam_demo.yaml``) pretrained here the way
 SAM was: image encoder, prompt encoder and mask decoder trained together to segment the object
 in a (slightly jittered) box prompt, on data that is *not* the demo's cytology
-(``dessam_d2/data/synthetic_shapes.py``). The result is written as an official SAM checkpoint (a
+(``dessam_d2/data/synthetic/shapes.py``). The result is written as an official SAM checkpoint (a
 plain state dict under ``image_encoder.`` / ``prompt_encoder.`` / ``mask_decoder.``) and loaded by
 the same strict loader as ``sam_vit_b_01ec64.pth``.
 
-Run it with ``tools/pretrain_tiny_sam.py``; the shipped file is ``weights/tiny_sam_shapes.pth``.
+``tools/pretrain_tiny_sam.py`` runs it; the shipped file is ``weights/tiny_sam_shapes.pth``.
 """
 
 import json
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode
 from torch import nn
 
-from ..data.synthetic_shapes import render_shapes_scene
+from ..data.synthetic.shapes import render_shapes_scene
 from ..modeling.fast_decoder import SharedImageDecoder
 from ..modeling.losses import soft_dice_loss
 from ..modeling.prompt_mask_head import build_sam_prompt_modules
@@ -315,3 +315,12 @@ def save_sam_checkpoint(parts: Dict[str, nn.Module], path: str) -> None:
     }
     with atomic_open(path) as f:
         torch.save(state, f)
+
+
+def write_pretraining_log(log: Dict, output: str) -> str:
+    """The log of ``pretrain_tiny_sam`` as JSON beside the checkpoint ``output`` (same name,
+    ``.json``); returns its path."""
+    path = os.path.splitext(output)[0] + ".json"
+    with atomic_open(path) as f:
+        f.write(json.dumps(log, indent=1).encode())
+    return path

@@ -1,8 +1,8 @@
-"""The paper's Tables 1-2 from one command (the logic behind ``tools/reproduce_paper.py``).
+"""The paper's Tables 1-2 from one call (``tools/reproduce_paper.py`` parses, calls, prints).
 
 1. Converts what is missing under the data root (``$DETECTRON2_DATASETS``, default ``datasets``):
-   CNSeg with :func:`~dessam_d2.data.cnseg.convert_cnseg`, ISBI 2014 with
-   :func:`~dessam_d2.data.isbi2014.convert_isbi2014`.
+   CNSeg with :func:`~dessam_d2.data.converters.cnseg.convert_cnseg`, ISBI 2014 with
+   :func:`~dessam_d2.data.converters.isbi2014.convert_isbi2014`.
 2. Trains and evaluates the paper's runs, one per seed, each in its own folder
    ``<output>/<setting>/seed<k>`` and as a subprocess of ``tools/train_net.py`` (so
    ``--num-gpus`` / ``--num-machines`` reach Detectron2's ``launch``):
@@ -28,9 +28,11 @@ with ``--resume``, so an interrupted run continues from its last checkpoint, and
 training finished but whose results were removed is only evaluated again. ``results.json`` holds
 the means of the per-image metrics that ``tools/train_net.py``'s final evaluation wrote to
 ``inference/<test set>/nuclei_metrics_<test set>.csv``.
+
+:func:`reproduce_paper` takes a :class:`ReproduceOptions` and reports progress through a callback
+(``progress(message)``; the tool prints it); it returns the tables (:class:`ReproduceResult`).
 """
 
-import argparse
 import csv
 import json
 import logging
@@ -38,7 +40,8 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -58,10 +61,17 @@ from .reproduce_tables import (
     write_tables,
 )
 
-# The data, config and metric modules load Detectron2 and torch: they are imported where used,
-# so that --help and argument errors answer at once.
+# The data, config and metric modules load Detectron2 and torch: they are imported where used.
 
-__all__ = ["SETTINGS", "SPLITS", "RunFailedError", "main", "parse_args", "build_tables"]
+__all__ = [
+    "SETTINGS",
+    "SPLITS",
+    "ReproduceOptions",
+    "ReproduceResult",
+    "build_tables",
+    "reproduce_paper",
+    "train_command",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,55 +92,40 @@ CNSEG_SETS = (
 ISBI_SETS = ("isbi2014_test",)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="reproduce_paper.py",
-        description="Convert CNSeg and ISBI 2014, train PatchSeg and ClusterSeg for each seed, "
-        "evaluate, and write the paper's Tables 1-2 (Markdown and CSV). Re-running the same "
-        "command resumes where it stopped.",
-    )
-    parser.add_argument(
-        "--sam-checkpoint", required=True, help="official SAM ViT-B file sam_vit_b_01ec64.pth"
-    )
-    parser.add_argument("--cnseg", required=True, help="CNSeg root (PatchSeg, ClusterSeg, ...)")
-    parser.add_argument("--isbi", required=True, help="folder of the ISBI 2014 .mat files")
-    parser.add_argument("--output", default="output/reproduce", help="runs and tables go here")
-    parser.add_argument(
-        "--datasets",
-        default=None,
-        help="data root the converted sets go to (default: $DETECTRON2_DATASETS or datasets)",
-    )
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[1, 2, 3], help="one run per seed (paper: 3)"
-    )
-    parser.add_argument(
-        "--targetb-list",
-        default=None,
-        help="file of the image names of the release's 60-image TargetB test, one a line "
-        "(copied to <data root>/cnseg/domainseg/targetb60.txt)",
-    )
-    parser.add_argument(
-        "--bf16",
-        action="store_true",
-        help="also evaluate every run with bfloat16 inference (MODEL.DESSAM.INFERENCE_DTYPE "
-        "bfloat16: a GPU or a CPU with native bfloat16) and show it next to float32",
-    )
-    parser.add_argument("--isbi-images-var", action="append", default=[], help="see convert_isbi")
-    parser.add_argument("--isbi-nuclei-var", action="append", default=[], help="see convert_isbi")
-    parser.add_argument("--num-gpus", type=int, default=None, help="per machine (train_net.py)")
-    parser.add_argument("--num-machines", type=int, default=None)
-    parser.add_argument("--machine-rank", type=int, default=None)
-    parser.add_argument("--dist-url", default=None)
-    parser.add_argument(
-        "opts",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="config overrides for every run, KEY VALUE pairs (e.g. MODEL.DEVICE cuda)",
-    )
-    args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated")
-    return args
+Progress = Callable[[str], None]
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ReproduceOptions:
+    """What one reproduction runs (``tools/reproduce_paper.py``'s options, named alike)."""
+
+    sam_checkpoint: str  # the official SAM ViT-B file sam_vit_b_01ec64.pth
+    cnseg: str  # CNSeg root (PatchSeg, ClusterSeg, DomainSeg)
+    isbi: str  # folder of the ISBI 2014 .mat files
+    output: str = "output/reproduce"  # runs and tables
+    datasets: Optional[str] = None  # data root of the converted sets (None: the default root)
+    seeds: Tuple[int, ...] = (1, 2, 3)  # one run per seed
+    targetb_list: Optional[str] = None  # image names of the release's 60-image TargetB test
+    bf16: bool = False  # also evaluate every run with bfloat16 inference
+    isbi_images_var: Tuple[str, ...] = ()  # see convert_isbi2014
+    isbi_nuclei_var: Tuple[str, ...] = ()
+    # launch options handed to every tools/train_net.py run (e.g. ("--num-gpus", "4")); this
+    # machine's rank: machine 0 collects the results and writes the tables
+    launch_flags: Tuple[str, ...] = ()
+    machine_rank: int = 0
+    opts: Tuple[str, ...] = field(default=())  # config overrides for every run, KEY VALUE ...
+
+
+@dataclass(frozen=True)
+class ReproduceResult:
+    """The Markdown tables and the files written (machine 0; empty on the other machines)."""
+
+    tables: str
+    files: Tuple[str, ...]
 
 
 # ---------------------------------------------------------------- data
@@ -146,7 +141,7 @@ def _missing(root: str, names: Sequence[str]) -> List[str]:
     return [n for n in names if not os.path.isfile(_json_path(root, n))]
 
 
-def check_inputs(args: argparse.Namespace) -> None:
+def check_inputs(args: ReproduceOptions) -> None:
     """The SAM checkpoint and both source folders exist (one-line errors otherwise)."""
     if not os.path.isfile(args.sam_checkpoint):
         raise InputNotFoundError(
@@ -163,11 +158,11 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise InputNotFoundError(f"--targetb-list {args.targetb_list}: file not found")
 
 
-def prepare_data(args: argparse.Namespace, root: str) -> None:
+def prepare_data(args: ReproduceOptions, root: str, progress: Progress = _silent) -> None:
     """Convert CNSeg / ISBI 2014 under ``root`` unless their annotation files are there."""
-    from ..data.cnseg import convert_cnseg
+    from ..data.converters.cnseg import convert_cnseg
+    from ..data.converters.isbi2014 import convert_isbi2014
     from ..data.datasets import SUBSET_DATASETS, subset_coco
-    from ..data.isbi2014 import convert_isbi2014
 
     jobs = (
         (
@@ -183,18 +178,18 @@ def prepare_data(args: argparse.Namespace, root: str) -> None:
             lambda: convert_isbi2014(
                 args.isbi,
                 os.path.join(root, "isbi2014"),
-                images_vars=args.isbi_images_var,
-                nuclei_vars=args.isbi_nuclei_var,
+                images_vars=list(args.isbi_images_var),
+                nuclei_vars=list(args.isbi_nuclei_var),
             ),
         ),
     )
     for what, names, source, convert in jobs:
         if not _missing(root, names):
-            print(f"{what}: converted already ({os.path.dirname(_json_path(root, names[0]))})")
+            progress(f"{what}: converted already ({os.path.dirname(_json_path(root, names[0]))})")
             continue
-        print(f"{what}: converting {source} into {root}")
+        progress(f"{what}: converting {source} into {root}")
         report = convert()
-        print(report.table())
+        progress(report.table())
         still = _missing(root, names)
         if still:
             raise InputNotFoundError(
@@ -208,7 +203,7 @@ def prepare_data(args: argparse.Namespace, root: str) -> None:
             shutil.copyfile(args.targetb_list, target)
     if os.path.isfile(target):  # a bad name fails now, not after training
         images = subset_coco(TARGETB60, _json_path(root, TARGETB), target)["images"]
-        print(f"TargetB: the {len(images)} images listed in {target}")
+        progress(f"TargetB: the {len(images)} images listed in {target}")
 
 
 def _same_file_content(a: str, b: str) -> bool:
@@ -220,7 +215,7 @@ def _same_file_content(a: str, b: str) -> bool:
 
 
 def train_command(
-    args: argparse.Namespace, setting: str, seed: int, root: str, bf16_eval: bool = False
+    args: ReproduceOptions, setting: str, seed: int, root: str, bf16_eval: bool = False
 ) -> List[str]:
     """The ``tools/train_net.py`` command of one run: training (resumed), or with ``bf16_eval``
     the bfloat16 evaluation of its final model into ``<run>/bfloat16``."""
@@ -229,14 +224,7 @@ def train_command(
     cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(REPO_ROOT, SETTINGS[setting])]
     # --resume continues an interrupted run; starts afresh when nothing is saved
     cmd.append("--eval-only" if bf16_eval else "--resume")
-    for flag, value in (
-        ("--num-gpus", args.num_gpus),
-        ("--num-machines", args.num_machines),
-        ("--machine-rank", args.machine_rank),
-        ("--dist-url", args.dist_url),
-    ):
-        if value is not None:
-            cmd += [flag, str(value)]
+    cmd += list(args.launch_flags)
     directory = run_dir(args.output, setting, seed)
     cmd += [
         "SEED",
@@ -270,13 +258,15 @@ def collect_results(directory: str) -> Dict:
     """Mean Dice / AJI / PQ / AJI+ / objDice per test set of a finished run, from the per-image
     CSVs of its final evaluation, with the test sets and thresholds of its config.yaml; under
     ``"release"`` the same under the release's protocol (the CSVs' ``release_*`` columns)."""
+    from detectron2.config import CfgNode
+
+    from ..config import score_thresholds_per_test_set
     from ..evaluation.metrics import mean_metrics
 
     with open(os.path.join(directory, "config.yaml")) as f:
-        cfg = yaml.safe_load(f)
-    names = list(cfg["DATASETS"]["TEST"])
-    thresholds = list(cfg["DATASETS"].get("TEST_SCORE_THRESH") or [])
-    thresholds = thresholds or [cfg["MODEL"]["ROI_HEADS"]["SCORE_THRESH_TEST"]] * len(names)
+        cfg = CfgNode(yaml.safe_load(f))
+    names = list(cfg.DATASETS.TEST)
+    thresholds = score_thresholds_per_test_set(cfg)
     results = {}
     for name, threshold in zip(names, thresholds):
         path = os.path.join(directory, "inference", name, f"nuclei_metrics_{name}.csv")
@@ -295,18 +285,21 @@ def collect_results(directory: str) -> Dict:
     return {"seed": cfg.get("SEED"), "test_sets": results}
 
 
-def run_all(args: argparse.Namespace, root: str, main_machine: bool) -> None:
+def run_all(args: ReproduceOptions, root: str, progress: Progress = _silent) -> None:
+    """Train and evaluate every run that has no results yet (``--bf16``: then evaluate them with
+    bfloat16 inference); machine 0 collects each run's results and rewrites the tables."""
+    main_machine = args.machine_rank == 0
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.abspath(root))
     for setting in SETTINGS:
         for seed in args.seeds:
             directory = run_dir(args.output, setting, seed)
             done = os.path.join(directory, RESULTS_FILE)
             if os.path.isfile(done):
-                print(f"[{setting} seed {seed}] done ({done})")
+                progress(f"[{setting} seed {seed}] done ({done})")
                 continue
             resuming = os.path.isfile(os.path.join(directory, "last_checkpoint"))
             state = "resuming from its last checkpoint" if resuming else "training"
-            print(f"[{setting} seed {seed}] {state} in {directory}", flush=True)
+            progress(f"[{setting} seed {seed}] {state} in {directory}")
             proc = subprocess.run(train_command(args, setting, seed, root), env=env)
             if proc.returncode != 0:
                 raise RunFailedError(
@@ -322,19 +315,20 @@ def run_all(args: argparse.Namespace, root: str, main_machine: bool) -> None:
                     f.write(json.dumps(results, indent=1).encode())
                 write_tables(args.output, args.seeds)
     if args.bf16:
-        run_bf16(args, root, main_machine, env)
+        run_bf16(args, root, env, progress)
 
 
-def run_bf16(args: argparse.Namespace, root: str, main_machine: bool, env: Dict) -> None:
+def run_bf16(args: ReproduceOptions, root: str, env: Dict, progress: Progress = _silent) -> None:
     """Evaluate every trained run again with bfloat16 inference (``--bf16``)."""
+    main_machine = args.machine_rank == 0
     for setting in SETTINGS:
         for seed in args.seeds:
             directory = run_dir(args.output, setting, seed)
             done = os.path.join(directory, BF16_RESULTS_FILE)
             if os.path.isfile(done):
-                print(f"[{setting} seed {seed}] bfloat16 evaluation done ({done})")
+                progress(f"[{setting} seed {seed}] bfloat16 evaluation done ({done})")
                 continue
-            print(f"[{setting} seed {seed}] evaluating with bfloat16 inference", flush=True)
+            progress(f"[{setting} seed {seed}] evaluating with bfloat16 inference")
             cmd = train_command(args, setting, seed, root, bf16_eval=True)
             proc = subprocess.run(cmd, env=env)
             if proc.returncode != 0:
@@ -354,21 +348,18 @@ def run_bf16(args: argparse.Namespace, root: str, main_machine: bool, env: Dict)
 # ---------------------------------------------------------------- entry point
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
-    """Everything ``tools/reproduce_paper.py`` does; returns the Markdown tables (machine 0)."""
+def reproduce_paper(args: ReproduceOptions, progress: Progress = _silent) -> ReproduceResult:
+    """Convert, train, evaluate and tabulate (see the module doc); resumes where it stopped.
+    ``progress`` receives one message per step (conversions, each run started or done)."""
     from ..data.datasets import default_dataset_root
 
-    args = parse_args(argv)
     check_inputs(args)
     root = args.datasets or default_dataset_root()
-    prepare_data(args, root)
-    main_machine = not args.machine_rank  # None or 0
-    if main_machine:
+    prepare_data(args, root, progress)
+    if args.machine_rank == 0:
         write_tables(args.output, args.seeds)  # what is done already
-    run_all(args, root, main_machine)
-    if not main_machine:
-        return ""
+    run_all(args, root, progress)
+    if args.machine_rank != 0:
+        return ReproduceResult("", ())
     text = write_tables(args.output, args.seeds)
-    print("\n" + text)
-    print(f"written: {', '.join(os.path.join(args.output, f) for f in TABLE_FILES)}")
-    return text
+    return ReproduceResult(text, tuple(os.path.join(args.output, f) for f in TABLE_FILES))
