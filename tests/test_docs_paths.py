@@ -108,7 +108,7 @@ def test_the_patterns_find_paths_and_skip_placeholders_urls_and_user_data():
     ]
     assert not exists("SPEC.md") and exists("METHOD.md") and exists("tests/test_e2e_*.py")
     assert module_name_exists("dessam_d2.inference.tiling.tile_starts")
-    assert module_name_exists("dessam_d2.data.register_nuclei_coco")  # imported in __init__
+    assert module_name_exists("dessam_d2.modeling.DESSAM")  # imported in __init__
     assert not module_name_exists("dessam_d2.predict.tile_starts")
     assert not module_name_exists("dessam_d2.inference.predictor.no_such_name")
 

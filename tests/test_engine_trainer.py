@@ -11,16 +11,15 @@ from conftest import tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
-from dessam_d2.config import ConfigError, check_dataset_names, load_config
+from dessam_d2.config import check_dataset_names, load_config
 from dessam_d2.data.datasets import (
     SUBSET_DATASETS,
-    DatasetFormatError,
-    DatasetNotFoundError,
     register_all_nuclei_datasets,
     register_nuclei_coco,
 )
-from dessam_d2.data.synthetic import generate_synthetic_dataset
+from dessam_d2.data.synthetic.cytology import generate_synthetic_dataset
 from dessam_d2.engine import Trainer
+from dessam_d2.errors import ConfigError, DatasetFormatError, DatasetNotFoundError
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ from ..config import (
     num_training_images,
     score_thresholds_per_test_set,
 )
+from ..data import datasets  # noqa: F401  (registers the built-in data sets)
 from ..data.mapper import DESSAMDatasetMapper
 from ..data.samplers import ResumableTrainingSampler, SeededMapDataset
 from ..errors import ConfigError, EmptyDatasetError, NonFiniteError
