@@ -256,9 +256,10 @@ def phase_decoder(
     emb = torch.randn(1, enc.out_chans, enc.embed_size, enc.embed_size)
     out = {}
     boxes = random_boxes(decoder_nuclei, model.image_size)
-    variants = [("fast_fp32", True, "float32", head.chunk_size)]
-    variants.append(("fast_bf16", True, "bfloat16", head.chunk_size))
-    variants.append(("reference", False, "float32", head.chunk_size))
+    chunk_size = head.set_decoding()["chunk_size"]  # the config's (changes nothing)
+    variants = [("fast_fp32", True, "float32", chunk_size)]
+    variants.append(("fast_bf16", True, "bfloat16", chunk_size))
+    variants.append(("reference", False, "float32", chunk_size))
     variants += [(f"fast_fp32_chunk{c}", True, "float32", c) for c in chunk_sizes]
     ref = {}
     for name, fast, dtype, chunk in variants:
@@ -278,7 +279,7 @@ def phase_decoder(
         out[f"decoder_{name}_max_abs_diff"] = float((base - logits).abs().max())
         out[f"decoder_{name}_min_mask_iou"] = float(iou.min())
     out["decoder_logit_abs_max"] = float(base.abs().max())
-    head.set_decoding(inference_dtype="float32", chunk_size=40)
+    head.set_decoding(inference_dtype="float32", chunk_size=chunk_size)
     nb = boxes[:reference_nuclei]
     out["decoder_breakdown"] = decoder_breakdown(head, emb, nb, repeats)
     return out
