@@ -1,6 +1,6 @@
-"""The demo's tiny SAM pretraining (dessam_d2/tiny_sam.py) and its synthetic scenes: official
-checkpoint format through the strict loader, exact resume, tied decoder keys at initialisation,
-general scenes that share no code with the cytology generator."""
+"""The demo's tiny SAM pretraining (dessam_d2/recipes/pretrain_tiny_sam.py) and its synthetic
+scenes: official checkpoint format through the strict loader, exact resume, tied decoder keys at
+initialisation, general scenes that share no code with the cytology generator."""
 
 import ast
 import inspect
