@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 from dessam_d2 import errors
-from dessam_d2.cli import add_launch_arguments, launch_error
+from dessam_d2.cli import add_launch_arguments, launch_error, launch_flags
 
 BUG = """
 from dessam_d2.cli import run_cli
@@ -88,3 +88,11 @@ def test_several_machines_need_the_address_of_machine_0():
     assert "--dist-url tcp://" in launch_error(parser.parse_args(["--num-machines", "2"]))
     assert launch_error(parser.parse_args(["--num-gpus", "0"])) is not None
     assert launch_error(parser.parse_args(["--num-machines", "2", "--machine-rank", "2"]))
+
+
+def test_only_the_launch_options_given_reach_a_child_run():
+    parser = argparse.ArgumentParser()
+    add_launch_arguments(parser)
+    assert launch_flags(parser.parse_args([])) == []
+    args = parser.parse_args(["--num-gpus", "4", "--machine-rank", "1", "--num-machines", "2"])
+    assert launch_flags(args) == ["--num-gpus", "4", "--num-machines", "2", "--machine-rank", "1"]
