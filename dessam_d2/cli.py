@@ -23,6 +23,15 @@ from .utils.malloc import MALLOC_TUNING_SWITCH, tune_malloc
 warnings.filterwarnings(
     "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
 )
+# Detectron2's anchor generator calls torch.meshgrid without `indexing` (its default, "ij", is
+# what it means), and its ROI pooler asks torch.fx whether it is tracing, which torch answers
+# with a deprecation line on stderr: notes for Detectron2's authors, not for our users.
+warnings.filterwarnings(
+    "ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning
+)
+logging.getLogger("torch.fx._symbolic_trace").addFilter(
+    lambda record: "is_fx_tracing will return true" not in record.getMessage()
+)
 
 __all__ = [
     "EXIT_DONE",
