@@ -16,8 +16,8 @@ on the held-out images and on a held-out set in a shifted stain style:
 * SAM + detector boxes: the trained detector's boxes, SAM's own tokens (no learnable token);
 * DES-SAM: the trained detector + the learnable token (distillation + edge-aware loss);
 * fully supervised reference: the same detector with Detectron2's Mask R-CNN mask head trained
-  on the ground-truth masks for the same schedule (``dessam_d2/reference.py``; the only row
-  that reads masks).
+  on the ground-truth masks for the same schedule (``dessam_d2/recipes/reference.py``; the only
+  row that reads masks).
 """
 
 import contextlib
