@@ -56,3 +56,21 @@ def test_the_spread_is_the_mean_std_and_worst_run(tmp_path):
     assert "35.00 ± 5.00" in report  # AJI of DES-SAM over the two runs
     assert "worst DES-SAM run: seed 2 x 1 thread(s)" in report
     assert spread_report([str(tmp_path / "none")]) == "no finished run\n"
+
+
+def test_the_demo_switches_the_model_through_its_methods():
+    """without_learnable_tokens and the box prior on detections use the model's public settings."""
+    import torch
+    from conftest import tiny_cfg
+    from detectron2.modeling import build_model
+
+    from dessam_d2.recipes.demo import EllipsesInDetections, without_learnable_tokens
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).eval()
+    with without_learnable_tokens(model):
+        assert model.set_learnable_tokens(False) is False  # off inside
+    assert model.set_learnable_tokens(True) is True  # back on after
+    prior = EllipsesInDetections(model)
+    assert prior.set_score_threshold(0.25) == 0.55  # the detector's, from the config
+    assert model.score_threshold == 0.25

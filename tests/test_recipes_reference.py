@@ -83,3 +83,6 @@ def test_the_reference_is_mask_rcnn_on_the_same_frozen_sam_encoder(cytology, tmp
     after = model.roi_heads.mask_head.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(mine[k], model.backbone.net.encoder.state_dict()[k]) for k in mine)
+    # Trainer.test sets each test set's score threshold through the same method as DES-SAM's
+    assert model.set_score_threshold(0.3) == cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+    assert model.roi_heads.box_predictor.test_score_thresh == 0.3
