@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, BoxMode
 from detectron2.utils.events import EventStorage
 
-from dessam_d2.data import DESSAMDatasetMapper
+from dessam_d2.data.mapper import DESSAMDatasetMapper
 from dessam_d2.modeling.meta_arch import DESSAM
 
 EXPECTED_LOSSES = {
