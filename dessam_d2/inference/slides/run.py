@@ -16,11 +16,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from ...errors import SlideError
+from ...errors import RunFailedError, SlideError
 from ...evaluation.metrics import masks_to_label_map
 from ..features import label_polygons, nucleus_features
 from ..outlines import nucleus_feature
 from ..outputs import PredictionSummary
+from ..peers import PeerWatch
 from ..predictor import Predictor
 from ..tiling import owned, tile_cores, tile_starts
 from . import journal
@@ -105,16 +106,19 @@ def _slide_plan(
     return slide, grid, tiles, starts, settings
 
 
-def _predict_share(predictor, plan, paths, rank, world_size, overwrite, progress, label_tiff):
+def _predict_share(
+    predictor, plan, paths, rank, world_size, overwrite, progress, label_tiff, watch
+):
     """This process's share of the tissue tiles, each written to ``.<stem>.tiles/``; the number
     predicted. A tile whose file exists is not predicted again, nor are tiles an interrupted run
-    already assembled."""
+    already assembled. ``watch``: the other processes (``PeerWatch``), checked between tiles."""
     from detectron2.utils import comm
 
+    barrier = watch.barrier if watch else comm.synchronize
     slide, grid, tiles, starts, settings = plan
     if rank == 0:
         journal.start_shared_tiles(paths, settings, overwrite)
-    comm.synchronize()
+    barrier()
 
     assembled = 0 if overwrite else journal.assembled_tiles(paths, settings)
     todo = [t for t in tiles if t.tissue and t.index >= assembled]
@@ -123,6 +127,8 @@ def _predict_share(predictor, plan, paths, rank, world_size, overwrite, progress
     bar = tqdm(total=len(mine), desc=f"{stem} (process {rank})", unit="tile", disable=not progress)
     predicted = 0
     for tile in mine:
+        if watch:
+            watch.check()
         if not journal.tile_done(paths["tiles"], tile):
             image = read_work_tile(slide, grid, tile.x, tile.y, tile.w, tile.h)
             result = _tile_nuclei(predictor, image, tile, starts, grid)
@@ -130,7 +136,7 @@ def _predict_share(predictor, plan, paths, rank, world_size, overwrite, progress
             predicted += 1
         bar.update(1)
     bar.close()
-    comm.synchronize()
+    barrier()
     return predicted
 
 
@@ -164,6 +170,7 @@ def predict_slide(
     label_tiff: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    watch: Optional[PeerWatch] = None,
 ) -> Tuple[int, int, int]:
     """Predict one slide at level 0, ``level``, or the resolution ``mpp`` (µm per pixel; the
     slide's own is ``slide_mpp`` when it does not say), only in ``roi`` (x, y, w, h in level-0
@@ -172,16 +179,17 @@ def predict_slide(
     background tiles skipped, nuclei (process 0 only)).
 
     Several processes: call it in each, ``torch.distributed`` set up, with its ``rank`` of
-    ``world_size`` and one ``output_dir`` (shared by all machines). The files are byte-identical
-    to a one-process run's; the tiles' files are kept until the slide is done. A run of one
-    process after an interrupted run of several reuses the tiles they finished."""
+    ``world_size`` and one ``output_dir`` (shared by all machines); ``watch``: stop when another
+    process fails (``predict_slides`` sets one up). The files are byte-identical to a
+    one-process run's; the tiles' files are kept until the slide is done. A run of one process
+    after an interrupted run of several reuses the tiles they finished."""
     paths = journal.slide_output_paths(output_dir, path)
     plan = _slide_plan(predictor, path, level, mpp, slide_mpp, roi, detect_tissue, label_tiff)
     slide, grid, tiles, starts, settings = plan
     background = sum(not t.tissue for t in tiles)
     shared = 0
     if world_size > 1:
-        args = (rank, world_size, overwrite, progress, label_tiff)
+        args = (rank, world_size, overwrite, progress, label_tiff, watch)
         shared = _predict_share(predictor, plan, paths, *args)
         if rank != 0:
             return shared, background, 0
@@ -246,8 +254,41 @@ def predict_slides(
     go on (one slide alone: its error is raised); finished slides are skipped.
 
     Several processes: call it in each with its ``rank`` of ``world_size``; each slide's tiles
-    are shared out, and every process returns the summary of all."""
+    are shared out, and every process returns the summary of all. A process that fails stops
+    the others within a minute, with its error (``PeerWatch``: ``RunFailedError``)."""
     os.makedirs(output_dir, exist_ok=True)
+    watch = PeerWatch(rank, world_size) if world_size > 1 and _distributed() else None
+    try:
+        summary = _predict_slides(
+            predictor, slides, output_dir, overwrite, progress, rank, world_size, watch, options
+        )
+        if watch:
+            watch.barrier()  # every process is here: the gathering below cannot hang
+    except RunFailedError:  # another process's failure, or this one's reported by a peer
+        raise
+    except BaseException as e:
+        if watch:
+            watch.fail(e)
+        raise
+    finally:
+        if watch:
+            watch.close()
+    if world_size > 1:
+        from detectron2.utils import comm
+
+        summary = PredictionSummary.of_all(comm.all_gather(summary))
+    return summary
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _predict_slides(
+    predictor, slides, output_dir, overwrite, progress, rank, world_size, watch, options
+):
     summary = PredictionSummary("slides")
     start = time.perf_counter()
     first = rank == 0  # the slides' counts are process 0's, the tiles' every process's
@@ -266,6 +307,7 @@ def predict_slides(
                 progress=progress,
                 rank=rank,
                 world_size=world_size,
+                watch=watch,
                 **options,
             )
         except (SlideError, FileNotFoundError) as e:  # before any barrier, in every process
@@ -280,8 +322,4 @@ def predict_slides(
         summary.tiles_background += background if first else 0
         summary.nuclei += nuclei
     summary.seconds = time.perf_counter() - start
-    if world_size > 1:
-        from detectron2.utils import comm
-
-        summary = PredictionSummary.of_all(comm.all_gather(summary))
     return summary
