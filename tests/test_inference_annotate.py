@@ -15,7 +15,7 @@ from segment_anything.modeling import Sam
 from dessam_d2.data.synthetic.cytology import generate_synthetic_dataset
 from dessam_d2.data.transforms import sam_model_input
 from dessam_d2.errors import DatasetFormatError, ImageReadError
-from dessam_d2.inference.annotate import boxes_to_masks
+from dessam_d2.inference.annotate import DEGENERATE, MASKS, boxes_to_masks
 from dessam_d2.inference.predictor import Predictor
 
 
@@ -46,7 +46,7 @@ def test_every_valid_box_gets_a_mask_of_the_image_size(boxes_only, predictor, tm
     summary = boxes_to_masks(predictor, str(path), str(images), str(out), progress=False)
     result = json.load(open(out))
     n_valid = len(coco["annotations"]) - 1
-    assert (summary.images, summary.masks, summary.degenerate_boxes) == (3, n_valid, 1)
+    assert (summary.done, summary.counts[MASKS], summary.counts[DEGENERATE]) == (3, n_valid, 1)
     assert [a["id"] for a in result["annotations"]] == [a["id"] for a in coco["annotations"][:-1]]
     for ann in result["annotations"]:
         assert ann["segmentation"]["size"] == [96, 128]
@@ -149,7 +149,7 @@ def test_a_killed_run_resumes_and_gives_the_same_file(boxes_only, predictor, tmp
     partial = tmp_path / "resumed.json.partial.jsonl"
     partial.write_text(json.dumps({"image_id": 1, "annotations": first_image}) + '\n{"image_id": 2')
     summary = boxes_to_masks(predictor, str(path), str(images), str(out), progress=False)
-    assert (summary.resumed, summary.images) == (1, 2)
+    assert (summary.skipped, summary.done) == (1, 2)
     assert json.load(open(out)) == first
 
 

@@ -25,7 +25,7 @@ def test_every_output_file_and_rerun_skips_finished_images(tmp_path):
     paths = collect_images([str(inputs)])
     assert [p.split("/")[-1] for p in paths] == ["a.png", "b.png", "broken.png"]
     summary = predict_images(Predictor(ThresholdModel(), 64, 24), paths, str(out), progress=False)
-    assert (summary.done, summary.skipped, summary.nuclei) == (2, 0, 10)
+    assert (summary.done, summary.skipped, summary.counts["nuclei found"]) == (2, 0, 10)
     assert list(summary.failed) == [paths[2]] and "broken.png" in summary.failed[paths[2]]
 
     files = output_paths(str(out), paths[0])

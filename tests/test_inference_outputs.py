@@ -10,7 +10,7 @@ from detectron2.structures import Boxes, Instances
 from test_inference_predictor import disc_image
 
 from dessam_d2.inference.images import predict_images
-from dessam_d2.inference.outputs import PredictionSummary
+from dessam_d2.inference.outputs import NUCLEI, RunSummary
 from dessam_d2.inference.predictor import Predictor
 
 
@@ -87,24 +87,28 @@ def test_coco_results_are_the_visible_masks_with_their_scores_and_boxes(tmp_path
     assert len(seen) == 4
 
 
-def test_one_summary_for_images_and_slides_and_for_several_processes():
-    a = PredictionSummary("slides", done=1, nuclei=5, tiles=3, tiles_background=2)
-    b = PredictionSummary("slides", tiles=4, failed={"x.svs": "broken"}, seconds=2.0)
-    both = PredictionSummary.of_all([a, b])
-    assert (both.done, both.nuclei, both.tiles, both.tiles_background) == (1, 5, 7, 2)
+def test_one_summary_for_images_slides_and_masks_and_for_several_processes():
+    counts = ["tiles predicted", "tiles skipped (no tissue)", NUCLEI]
+    a = RunSummary("slides", done=1, counts=dict(zip(counts, (3, 2, 5))))
+    b = RunSummary("slides", failed={"x.svs": "broken"}, counts=dict(zip(counts, (4, 0, 0))))
+    b.seconds = 2.0
+    both = RunSummary.of_all([a, b])
+    assert both.done == 1 and both.counts == dict(zip(counts, (7, 2, 5)))
     assert both.failed == {"x.svs": "broken"} and both.seconds == 2.0
     lines = both.table().splitlines()
     assert [line.rsplit(None, 1)[0] for line in lines[1:-1]] == [
         "slides predicted",
         "slides skipped (already done)",
         "slides failed",
-        "tiles predicted",
-        "tiles skipped (no tissue)",
-        "nuclei found",
+        *counts,
         "seconds",
     ]
-    images = PredictionSummary.of_all(
-        [PredictionSummary(failed={"b": "2"}), PredictionSummary(failed={"a": "1"})],
-        order=["a", "b"],
+    images = RunSummary.of_all(
+        [RunSummary(failed={"b": "2"}), RunSummary(failed={"a": "1"})], order=["a", "b"]
     )
     assert list(images.failed) == ["a", "b"] and "tiles" not in images.table()
+    masks = RunSummary(done=2, skipped=1, done_as="segmented", skipped_as="resumed")
+    masks.add("masks written", 3)
+    masks.add("masks written", 4)
+    assert masks.counts == {"masks written": 7}
+    assert masks.table().splitlines()[1:3] == ["images segmented  2", "images resumed    1"]

@@ -119,9 +119,11 @@ def test_a_slide_that_cannot_be_read_is_counted_and_the_others_go_on(slide, tmp_
     out = str(tmp_path / "out")
     summary = predict_slides(predictor(), [str(broken), slide], out, progress=False, level=2)
     assert (summary.unit, summary.done, summary.skipped) == ("slides", 1, 0)
-    assert list(summary.failed) == [str(broken)] and summary.nuclei > 0
-    assert summary.tiles + summary.tiles_background == 2 * 3  # 192 x 256 px in 128-px tiles
+    assert list(summary.failed) == [str(broken)] and summary.counts["nuclei found"] > 0
+    assert (
+        summary.counts["tiles predicted"] + summary.counts["tiles skipped (no tissue)"] == 2 * 3
+    )  # 192 x 256 px in 128-px tiles
     again = predict_slides(predictor(), [slide], out, progress=False, level=2)
-    assert (again.done, again.skipped, again.tiles) == (0, 1, 0)
+    assert (again.done, again.skipped, again.counts["tiles predicted"]) == (0, 1, 0)
     with pytest.raises(SlideError):  # one slide alone: its error
         predict_slides(predictor(), [str(broken)], out, progress=False)

@@ -64,7 +64,7 @@ def main(args) -> int:
     for message in summary.failed.values():
         print(f"failed: {message}")
     print(f"wrote {args.output}")
-    return exit_status(summary.images + summary.resumed, len(summary.failed))
+    return exit_status(summary.done + summary.skipped, len(summary.failed))
 
 
 if __name__ == "__main__":

@@ -10,43 +10,21 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Dict, List
 
 import numpy as np
 import torch
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
-from tabulate import tabulate
 from tqdm import tqdm
 
 from ..data.image_io import read_image_rgb
 from ..errors import DatasetFormatError, EmptyDatasetError, ImageReadError, InputNotFoundError
 from ..utils.io import atomic_write_json
+from .outputs import RunSummary
 from .predictor import Predictor
 
-
-@dataclass
-class AnnotateSummary:
-    images: int = 0
-    resumed: int = 0
-    masks: int = 0
-    degenerate_boxes: int = 0
-    failed: Dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def table(self) -> str:
-        rows = [
-            ["images segmented", self.images],
-            ["images resumed from an earlier run", self.resumed],
-            ["images failed", len(self.failed)],
-            ["masks written", self.masks],
-            [
-                "boxes skipped (malformed, zero or negative size, outside the image)",
-                self.degenerate_boxes,
-            ],
-            ["seconds", f"{self.seconds:.1f}"],
-        ]
-        return tabulate(rows, tablefmt="simple")
+MASKS = "masks written"  # the RunSummary's counts
+DEGENERATE = "boxes skipped (malformed, zero or negative size, outside the image)"
 
 
 def read_coco(path: str) -> Dict:
@@ -104,7 +82,7 @@ def boxes_to_masks(
     student: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-) -> AnnotateSummary:
+) -> RunSummary:
     """Write ``output_file``: the input COCO file with a ``segmentation`` (RLE) for every box.
     Raises ImageReadError, writing nothing, when not one image could be read."""
     coco = read_coco(annotation_file)
@@ -116,13 +94,17 @@ def boxes_to_masks(
     if overwrite and os.path.exists(partial):
         os.remove(partial)
     done = _read_partial(partial)
-    summary = AnnotateSummary()
+    summary = RunSummary(
+        counts={MASKS: 0, DEGENERATE: 0},
+        done_as="segmented",
+        skipped_as="resumed from an earlier run",
+    )
     start = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     with open(partial, "a") as log:
         for info in tqdm(coco["images"], desc="boxes->masks", disable=not progress):
             if info["id"] in done:
-                summary.resumed += 1
+                summary.skipped += 1
                 continue
             path = os.path.join(image_root, info["file_name"])
             try:
@@ -132,7 +114,7 @@ def boxes_to_masks(
                 continue
             h, w = image.shape[:2]
             anns = [a for a in by_image.get(info["id"], []) if _valid_box(a.get("bbox"), w, h)]
-            summary.degenerate_boxes += len(by_image.get(info["id"], [])) - len(anns)
+            summary.add(DEGENERATE, len(by_image.get(info["id"], [])) - len(anns))
             xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
             xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, w)
@@ -150,7 +132,7 @@ def boxes_to_masks(
             log.write(json.dumps({"image_id": info["id"], "annotations": out}) + "\n")
             log.flush()
             done[info["id"]] = out
-            summary.images += 1
+            summary.done += 1
     if summary.failed and not done:
         os.remove(partial)  # empty: nothing to resume
         raise ImageReadError(
@@ -158,7 +140,7 @@ def boxes_to_masks(
             f"{next(iter(summary.failed.values()))}); nothing written"
         )
     annotations = [a for anns in done.values() for a in anns]
-    summary.masks = len(annotations)
+    summary.add(MASKS, len(annotations))
     atomic_write_json(output_file, {**coco, "annotations": annotations})
     if not summary.failed:
         os.remove(partial)

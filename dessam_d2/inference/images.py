@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from ..data.image_io import read_image_rgb
 from ..errors import ImageReadError
-from .outputs import PredictionSummary, output_paths, write_coco_results, write_outputs
+from .outputs import NUCLEI, RunSummary, output_paths, write_coco_results, write_outputs
 from .predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def predict_images(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
-) -> PredictionSummary:
+) -> RunSummary:
     """Predict ``image_paths`` one by one (``outputs``: the files of each), then write the COCO
     results of all; finished images are skipped unless ``overwrite``, an image that cannot be
     read is counted as failed and the rest go on.
@@ -34,7 +34,7 @@ def predict_images(
     returns the summary of all. ``output_dir`` must then be one folder for all (shared between
     machines)."""
     os.makedirs(output_dir, exist_ok=True)
-    summary = PredictionSummary("images")
+    summary = RunSummary("images", counts={NUCLEI: 0})
     start = time.perf_counter()
     mine = list(image_paths)[rank::world_size]
     for path in tqdm(mine, desc="predict", unit="image", disable=not progress):
@@ -48,14 +48,14 @@ def predict_images(
             summary.failed[path] = str(e)
             logger.warning(str(e))
             continue
-        summary.nuclei += write_outputs(image, predictor(image), paths)
+        summary.add(NUCLEI, write_outputs(image, predictor(image), paths))
         summary.done += 1
     summary.seconds = time.perf_counter() - start
     if world_size > 1:
         from detectron2.utils import comm
 
         # also a barrier: every image is finished after it
-        summary = PredictionSummary.of_all(comm.all_gather(summary), order=image_paths)
+        summary = RunSummary.of_all(comm.all_gather(summary), order=image_paths)
     if rank == 0:
         write_coco_results(image_paths, output_dir)
     return summary

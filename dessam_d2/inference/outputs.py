@@ -1,4 +1,4 @@
-"""The output files of a prediction, and what a run did (``PredictionSummary``).
+"""The output files of a prediction, and what a run did (``RunSummary``).
 
 Per input image ``<stem>`` the output folder gets
     <stem>_labels.png    instance label image, 16-bit (0 = background, 1..N = nucleus id)
@@ -32,54 +32,59 @@ from ..evaluation.metrics import masks_to_label_map
 from ..utils.io import atomic_write_bytes, atomic_write_json
 from .features import CSV_FIELDS, nucleus_features, to_geojson
 
+NUCLEI = "nuclei found"  # a RunSummary's count of nuclei
+
 
 @dataclass
-class PredictionSummary:
-    """What a run over ``unit`` ("images" or "slides") did: inputs predicted, skipped (done by
-    an earlier run) and failed (path -> why), nuclei found, seconds; for slides the tiles
-    predicted and those skipped without tissue."""
+class RunSummary:
+    """What a run over its inputs did, for a tool to print (``table``): inputs (``unit``: images
+    or slides) done, skipped (done by an earlier run) and failed (input -> why), further counts
+    (``counts``: row label -> number, in the table's order, e.g. "nuclei found"), seconds.
+    ``done_as`` and ``skipped_as`` say how the first rows read."""
 
     unit: str = "images"
     done: int = 0
     skipped: int = 0
-    nuclei: int = 0
     failed: Dict[str, str] = field(default_factory=dict)
+    counts: Dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-    tiles: int = 0
-    tiles_background: int = 0
+    done_as: str = "predicted"
+    skipped_as: str = "skipped (already done)"
+
+    def add(self, label: str, n: int) -> None:
+        self.counts[label] = self.counts.get(label, 0) + n
 
     def table(self) -> str:
         rows = [
-            [f"{self.unit} predicted", self.done],
-            [f"{self.unit} skipped (already done)", self.skipped],
+            [f"{self.unit} {self.done_as}", self.done],
+            [f"{self.unit} {self.skipped_as}", self.skipped],
             [f"{self.unit} failed", len(self.failed)],
         ]
-        if self.unit == "slides":
-            rows += [
-                ["tiles predicted", self.tiles],
-                ["tiles skipped (no tissue)", self.tiles_background],
-            ]
-        rows += [["nuclei found", self.nuclei], ["seconds", f"{self.seconds:.1f}"]]
+        rows += [[label, n] for label, n in self.counts.items()]
+        rows.append(["seconds", f"{self.seconds:.1f}"])
         return tabulate(rows, tablefmt="simple")
 
     @classmethod
-    def of_all(
-        cls, parts: Sequence["PredictionSummary"], order: Optional[Sequence[str]] = None
-    ) -> "PredictionSummary":
+    def of_all(cls, parts: Sequence["RunSummary"], order: Optional[Sequence[str]] = None):
         """The summary of the processes whose summaries are ``parts``: counts added, failures
         in the order of ``order`` (the inputs), the longest time."""
         failed = {path: message for s in parts for path, message in s.failed.items()}
         if order is not None:
             failed = {path: failed[path] for path in order if path in failed}
+        counts: Dict[str, int] = {}
+        for s in parts:
+            for label, n in s.counts.items():
+                counts[label] = counts.get(label, 0) + n
+        first = parts[0]
         return cls(
-            unit=parts[0].unit,
+            unit=first.unit,
             done=sum(s.done for s in parts),
             skipped=sum(s.skipped for s in parts),
-            nuclei=sum(s.nuclei for s in parts),
             failed=failed,
+            counts=counts,
             seconds=max(s.seconds for s in parts),
-            tiles=sum(s.tiles for s in parts),
-            tiles_background=sum(s.tiles_background for s in parts),
+            done_as=first.done_as,
+            skipped_as=first.skipped_as,
         )
 
 

@@ -20,7 +20,7 @@ from ...errors import RunFailedError, SlideError
 from ...evaluation.metrics import masks_to_label_map
 from ..features import label_polygons, nucleus_features
 from ..outlines import nucleus_feature
-from ..outputs import PredictionSummary
+from ..outputs import NUCLEI, RunSummary
 from ..peers import PeerWatch
 from ..predictor import Predictor
 from ..tiling import owned, tile_cores, tile_starts
@@ -30,6 +30,8 @@ from .reader import SlideGrid, level0_mpp, open_slide, read_work_tile, slide_gri
 from .tissue import Tile, slide_tiles, tissue_mask
 
 logger = logging.getLogger(__name__)
+
+TILES, BACKGROUND = "tiles predicted", "tiles skipped (no tissue)"  # RunSummary's counts
 
 
 def _tile_nuclei(
@@ -248,7 +250,7 @@ def predict_slides(
     rank: int = 0,
     world_size: int = 1,
     **options,
-) -> PredictionSummary:
+) -> RunSummary:
     """Every slide in turn (``options``: ``predict_slide``'s level, mpp, slide_mpp, roi,
     detect_tissue, label_tiff). A slide that cannot be opened is counted as failed and the rest
     go on (one slide alone: its error is raised); finished slides are skipped.
@@ -276,7 +278,7 @@ def predict_slides(
     if world_size > 1:
         from detectron2.utils import comm
 
-        summary = PredictionSummary.of_all(comm.all_gather(summary))
+        summary = RunSummary.of_all(comm.all_gather(summary))
     return summary
 
 
@@ -289,7 +291,7 @@ def _distributed() -> bool:
 def _predict_slides(
     predictor, slides, output_dir, overwrite, progress, rank, world_size, watch, options
 ):
-    summary = PredictionSummary("slides")
+    summary = RunSummary("slides", counts={TILES: 0, BACKGROUND: 0, NUCLEI: 0})
     start = time.perf_counter()
     first = rank == 0  # the slides' counts are process 0's, the tiles' every process's
     for path in slides:
@@ -318,8 +320,8 @@ def _predict_slides(
                 logger.warning(str(e))
             continue
         summary.done += first
-        summary.tiles += tiles
-        summary.tiles_background += background if first else 0
-        summary.nuclei += nuclei
+        summary.add(TILES, tiles)
+        summary.add(BACKGROUND, background if first else 0)
+        summary.add(NUCLEI, nuclei)
     summary.seconds = time.perf_counter() - start
     return summary
