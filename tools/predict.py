@@ -14,7 +14,8 @@ Several processes or machines (Detectron2's launch; without a GPU, CPU processes
     python tools/predict.py ... --num-machines 2 --machine-rank R --dist-url tcp://host0:port
 
 split the images (every N-th) and each slide's tiles between them; the outputs are the files
-one process writes. Machines must share the --output folder.
+one process writes. Machines must share the --output folder. A process that fails stops the
+others within a minute, with its error; what was finished stays for the next run.
 """
 
 import argparse

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from ..data.image_io import read_image_rgb
 from ..errors import ImageReadError
 from .outputs import NUCLEI, RunSummary, output_paths, write_coco_results, write_outputs
+from .peers import watching
 from .predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -32,24 +33,27 @@ def predict_images(
     ``rank`` of ``world_size``: process r predicts every world-size-th image from the r-th, then
     process 0 writes the COCO results of all (the files one process writes); every process
     returns the summary of all. ``output_dir`` must then be one folder for all (shared between
-    machines)."""
+    machines). A process that fails stops the others, with its error (``peers``)."""
     os.makedirs(output_dir, exist_ok=True)
     summary = RunSummary("images", counts={NUCLEI: 0})
     start = time.perf_counter()
     mine = list(image_paths)[rank::world_size]
-    for path in tqdm(mine, desc="predict", unit="image", disable=not progress):
-        paths = output_paths(output_dir, path)
-        if os.path.exists(paths["csv"]) and not overwrite:
-            summary.skipped += 1
-            continue
-        try:
-            image = read_image_rgb(path)
-        except ImageReadError as e:
-            summary.failed[path] = str(e)
-            logger.warning(str(e))
-            continue
-        summary.add(NUCLEI, write_outputs(image, predictor(image), paths))
-        summary.done += 1
+    with watching(rank, world_size) as watch:  # a process that fails stops the others
+        for path in tqdm(mine, desc="predict", unit="image", disable=not progress):
+            if watch:
+                watch.check()
+            paths = output_paths(output_dir, path)
+            if os.path.exists(paths["csv"]) and not overwrite:
+                summary.skipped += 1
+                continue
+            try:
+                image = read_image_rgb(path)
+            except ImageReadError as e:
+                summary.failed[path] = str(e)
+                logger.warning(str(e))
+                continue
+            summary.add(NUCLEI, write_outputs(image, predictor(image), paths))
+            summary.done += 1
     summary.seconds = time.perf_counter() - start
     if world_size > 1:
         from detectron2.utils import comm

@@ -13,7 +13,8 @@ as a ``RunFailedError`` (exit status 1). What was finished stays for the resume.
 import itertools
 import threading
 import time
-from typing import Dict, Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional, Tuple
 
 from ..errors import RunFailedError
 
@@ -24,6 +25,30 @@ POLL_SECONDS = 0.5
 FAILED_KEY = "dessam/peers/failed"
 RESUME = "the finished tiles are kept: run the same command again to go on"
 _watches = itertools.count(1)  # the same in every process: each creates the same watches
+
+
+@contextmanager
+def watching(rank: int, world_size: int) -> Iterator[Optional["PeerWatch"]]:
+    """A ``PeerWatch`` for the block when it runs in ``world_size`` > 1 processes under
+    ``torch.distributed`` (else None): an error in the block is posted to the others, and the
+    block ends at a barrier (after it, every process is alive and done: a gathering cannot
+    hang)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        yield None
+        return
+    watch = PeerWatch(rank, world_size)
+    try:
+        yield watch
+        watch.barrier()
+    except RunFailedError:  # another process's failure: it posted its error
+        raise
+    except BaseException as e:
+        watch.fail(e)
+        raise
+    finally:
+        watch.close()
 
 
 def _default_store():

@@ -16,12 +16,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from ...errors import RunFailedError, SlideError
+from ...errors import SlideError
 from ...evaluation.metrics import masks_to_label_map
 from ..features import label_polygons, nucleus_features
 from ..outlines import nucleus_feature
 from ..outputs import NUCLEI, RunSummary
-from ..peers import PeerWatch
+from ..peers import PeerWatch, watching
 from ..predictor import Predictor
 from ..tiling import owned, tile_cores, tile_starts
 from . import journal
@@ -259,33 +259,15 @@ def predict_slides(
     are shared out, and every process returns the summary of all. A process that fails stops
     the others within a minute, with its error (``PeerWatch``: ``RunFailedError``)."""
     os.makedirs(output_dir, exist_ok=True)
-    watch = PeerWatch(rank, world_size) if world_size > 1 and _distributed() else None
-    try:
+    with watching(rank, world_size) as watch:
         summary = _predict_slides(
             predictor, slides, output_dir, overwrite, progress, rank, world_size, watch, options
         )
-        if watch:
-            watch.barrier()  # every process is here: the gathering below cannot hang
-    except RunFailedError:  # another process's failure, or this one's reported by a peer
-        raise
-    except BaseException as e:
-        if watch:
-            watch.fail(e)
-        raise
-    finally:
-        if watch:
-            watch.close()
     if world_size > 1:
         from detectron2.utils import comm
 
         summary = RunSummary.of_all(comm.all_gather(summary))
     return summary
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def _predict_slides(
