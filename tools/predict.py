@@ -26,8 +26,9 @@ from datetime import timedelta
 from dessam_d2.cli import EXIT_USER_ERROR, add_launch_arguments, exit_status, launch_cli
 from dessam_d2.inference.arguments import add_slide_arguments
 
-# Process 0 alone assembles a slide and writes its label TIFF while the others wait at the next
-# barrier: Detectron2's 30 minutes could be too short for a large slide.
+# Process 0 alone assembles each slide and writes the COCO results while the others wait (at
+# barriers that notice a failed process: dessam_d2/inference/peers.py); Detectron2's 30 minutes
+# could be too short for a large slide.
 LAUNCH_TIMEOUT = timedelta(hours=12)
 
 
