@@ -12,6 +12,7 @@ import copy
 import os
 from typing import Dict
 
+import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -68,6 +69,9 @@ class MaskSupervisedMapper:
             for a in record.get("annotations", [])
             if a.get("iscrowd", 0) == 0
         ]
+        for a in annotations:  # a resized mask comes back read-only from PIL; torch warns of it
+            if isinstance(a.get("segmentation"), np.ndarray):
+                a["segmentation"] = np.array(a["segmentation"])
         out["instances"] = utils.filter_empty_instances(
             utils.annotations_to_instances(annotations, shape, mask_format="bitmask")
         )
