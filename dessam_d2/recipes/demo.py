@@ -45,7 +45,7 @@ from .box_prior import ellipse_instances, gt_boxes_of
 from .demo_picture import comparison_picture
 from .reference import ReferenceTrainer, reference_config
 
-logger = logging.getLogger("dessam_d2.demo")
+logger = logging.getLogger(__name__)
 
 COLUMNS = [("nuclei", "Dice"), ("nuclei", "AJI"), ("nuclei", "AJI+"), ("nuclei", "PQ")]
 COLUMNS += [("bbox", "AP"), ("segm", "AP"), ("prompted", "mean IoU")]

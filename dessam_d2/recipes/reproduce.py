@@ -16,7 +16,7 @@
 
 3. Writes ``tables.md`` and ``table1.csv`` / ``table2.csv``: Dice / AJI / PQ as mean ± standard
    deviation over the seeds, next to the paper's numbers, each as we score it and under the
-   authors' release's protocol (:mod:`dessam_d2.reproduce_tables`).
+   authors' release's protocol (:mod:`dessam_d2.recipes.reproduce_tables`).
 
 Inference runs in float32 (``MODEL.DESSAM.INFERENCE_DTYPE float32``, as the release does), also
 on a GPU where ``auto`` would pick bfloat16. ``--bf16`` evaluates every finished run a second

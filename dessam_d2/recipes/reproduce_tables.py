@@ -1,4 +1,4 @@
-"""The paper's Tables 1-2 from the runs of :mod:`dessam_d2.reproduce` (Markdown and CSV).
+"""The paper's Tables 1-2 from the runs of :mod:`dessam_d2.recipes.reproduce` (Markdown and CSV).
 
 Every run's ``results.json`` holds per test set the means over images of the metrics as we score
 them (masks as predicted, the higher score owns a pixel) and under the authors' release's
