@@ -127,3 +127,37 @@ def test_allowed_examples_are_still_named_and_still_absent():
     text = "".join(open(d, encoding="utf-8").read() for d in DOCUMENTS)
     for path in ALLOWED:
         assert path in text and not os.path.exists(path), path
+
+
+def _package_section() -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    start = readme.index("## What is in the package")
+    return readme[start : readme.index("\n## ", start + 1)]
+
+
+def test_readme_package_tree_names_every_module_and_tool():
+    """The README's "What is in the package" matches the tree: it names every module of the
+    package and every tool by its file name."""
+    section = _package_section()
+    words = set(re.findall(r"[\w.]+", section))
+    missing = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "dessam_d2", "**", "*.py"), recursive=True)):
+        rel = os.path.relpath(path, ROOT)
+        if os.path.basename(rel) not in words | {"__init__.py"}:
+            missing.append(rel)
+    for path in sorted(glob.glob(os.path.join(ROOT, "tools", "*.py"))):
+        if os.path.basename(path) not in words:
+            missing.append(os.path.relpath(path, ROOT))
+    assert missing == [], "README's 'What is in the package' does not name these"
+
+
+def test_readme_package_tree_names_nothing_that_is_gone():
+    """Every ``name.py`` the section names is a file of the repository."""
+    files = {
+        os.path.basename(p)
+        for folder in ("dessam_d2", "tools", "benchmarks", "tests")
+        for p in glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True)
+    }
+    named = set(re.findall(r"\b(\w+\.py)\b", _package_section()))
+    assert sorted(named - files) == []

@@ -138,3 +138,27 @@ def test_the_checker_sees_relative_function_level_and_package_imports(tmp_path):
         (5, "dessam_d2.inference.predictor"),
         (6, "dessam_d2.errors"),
     ]
+
+
+def test_every_test_file_is_named_after_the_module_it_tests():
+    """tests/test_<package>_<module>[_<aspect>].py names a module of dessam_d2 (or benchmarks/);
+    test_e2e_* (whole runs of the tools), test_docs_* and this file are the exceptions."""
+    modules = set()
+    for folder, _, files in os.walk(os.path.join(ROOT, PACKAGE)):
+        for name in files:
+            if name.endswith(".py") and name != "__init__.py":
+                rel = os.path.relpath(os.path.join(folder, name), os.path.join(ROOT, PACKAGE))
+                modules.add(rel[:-3].replace(os.sep, "_"))
+    for name in os.listdir(os.path.join(ROOT, "benchmarks")):
+        if name.endswith(".py") and name != "__init__.py":
+            modules.add("benchmarks_" + name[:-3])
+    unnamed = []
+    for name in sorted(os.listdir(os.path.join(ROOT, "tests"))):
+        if not (name.startswith("test_") and name.endswith(".py")):
+            continue
+        subject = name[len("test_") : -len(".py")]
+        if subject.startswith(("e2e_", "docs_")) or subject == "layering":
+            continue
+        if not any(subject == m or subject.startswith(m + "_") for m in modules):
+            unnamed.append(name)
+    assert unnamed == [], "tests not named after a module"
