@@ -63,6 +63,21 @@ def exit_status(done: int, failed: int) -> int:
     return EXIT_SOME_SKIPPED if done else EXIT_USER_ERROR
 
 
+def report_conversion(report, source: str) -> int:
+    """The converters' ending (tools/convert_*.py, import_qupath.py): print the report's table and
+    return the exit status: 0 every image converted, 1 some images skipped (nuclei dropped by a
+    documented rule, e.g. zero area, are counted but are no skips), 2 no image converted."""
+    print(report.summary())
+    if report.images:
+        return exit_status(report.images, report.skipped_images)
+    print(
+        f"error: no image of {source} could be converted (reasons in the table above): "
+        "the data sets are empty",
+        file=sys.stderr,
+    )
+    return EXIT_USER_ERROR
+
+
 def run_cli(main: Callable, *args):
     """Run ``main(*args)`` with the allocator tuned; a ``UserError`` prints ``error: <message>``
     and exits with status 2 (``EXIT_USER_ERROR``), anything else keeps its traceback."""

@@ -8,7 +8,7 @@ import argparse
 import logging
 import sys
 
-from dessam_d2.cli import EXIT_USER_ERROR, exit_status, run_cli
+from dessam_d2.cli import report_conversion, run_cli
 
 
 def main(argv=None) -> int:
@@ -45,22 +45,7 @@ def convert(args) -> int:
         min_area=args.min_area,
         progress=not args.no_progress,
     )
-    return print_report(report, args.input)
-
-
-def print_report(report, source: str) -> int:
-    """Print the table and the files written; return the exit status: 0 every image converted,
-    1 some images skipped (nuclei dropped by a documented rule, e.g. zero area, are counted but
-    are no skips), 2 no image converted."""
-    print(report.summary())
-    if report.images:
-        return exit_status(report.images, report.skipped_images)
-    print(
-        f"error: no image of {source} could be converted (reasons in the table above): "
-        "the data sets are empty",
-        file=sys.stderr,
-    )
-    return EXIT_USER_ERROR
+    return report_conversion(report, args.input)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ outline (for evaluation). See dessam_d2/data/converters/qupath.py. Needs no mode
 import argparse
 import sys
 
-from dessam_d2.cli import EXIT_USER_ERROR, exit_status, run_cli
+from dessam_d2.cli import report_conversion, run_cli
 
 
 def parse_args(argv=None):
@@ -32,21 +32,7 @@ def main(args) -> int:
     from dessam_d2.data.converters.qupath import convert_qupath
 
     report = convert_qupath(args.geojson, args.image_root, args.output, args.classes)
-    return print_report(report, ", ".join(args.geojson))
-
-
-def print_report(report, source: str) -> int:
-    """Print the table and the file written; return the exit status: 0 every image converted,
-    1 some images skipped, 2 no image converted."""
-    print(report.summary())
-    if report.images:
-        return exit_status(report.images, report.skipped_images)
-    print(
-        f"error: no image of {source} could be converted (reasons in the table above): "
-        "the data sets are empty",
-        file=sys.stderr,
-    )
-    return EXIT_USER_ERROR
+    return report_conversion(report, ", ".join(args.geojson))
 
 
 if __name__ == "__main__":

@@ -230,8 +230,8 @@ class SAMPromptMaskHead(nn.Module):
         bfloat16 if ``inference_dtype`` (MODEL.DESSAM.DECODER_INFERENCE_DTYPE) says so, and in
         float32 otherwise, also when called under the model's bfloat16 autocast
         (MODEL.DESSAM.INFERENCE_DTYPE): in bfloat16 it moves mask outlines by a pixel or more
-        (tests/test_modeling_meta_arch_inference_dtype.py). Training is left as called: the teacher's
-        targets and the student's gradients are float32. Returns float32 logits.
+        (tests/test_modeling_meta_arch_inference_dtype.py). Training is left as called: the
+        teacher's targets and the student's gradients are float32. Returns float32 logits.
         """
         if len(boxes) == 0:
             side = 4 * embedding.shape[-1]
