@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import SMALL
-from test_inference_slides import predictor
+from test_inference_slides_run import predictor
 
 from dessam_d2.data.synthetic.cytology import render_synthetic_image
 from dessam_d2.data.synthetic.slide import write_synthetic_slide

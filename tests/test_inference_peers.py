@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from test_inference_slides import predictor
+from test_inference_slides_run import predictor
 
 from dessam_d2.data.synthetic.slide import write_synthetic_slide
 from dessam_d2.inference.slides import predict_slide, slide_output_paths
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK = """
 import os, signal, sys, time
 import torch.distributed as dist
-from test_inference_slides import predictor
+from test_inference_slides_run import predictor
 from dessam_d2.errors import RunFailedError
 from dessam_d2.inference import peers
 from dessam_d2.inference.slides import predict_slides

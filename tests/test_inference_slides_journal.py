@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from test_inference_slides import predictor
+from test_inference_slides_run import predictor
 
 from dessam_d2.inference.slides import predict_slide, slide_output_paths
 

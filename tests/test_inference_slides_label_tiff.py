@@ -10,7 +10,7 @@ import openslide
 import pytest
 import tifffile
 from shapely.geometry import shape
-from test_inference_slides import predictor
+from test_inference_slides_run import predictor
 
 from dessam_d2.inference.slides import predict_slide, slide_output_paths
 from dessam_d2.inference.slides.label_tiff import label_tiff_downsamples, write_label_tiff
