@@ -156,7 +156,10 @@ def main(argv=None) -> int:
                 "nuclei": int(table.get("nuclei found", -1)),
                 "label_tiff": with_labels,
                 "label_tiff_mb": (
-                    round(os.path.getsize(os.path.join(out, f"slide_{size}_labels.tif")) / 2**20, 1)
+                    round(
+                        os.path.getsize(os.path.join(out, f"slide_{size}_labels.ome.tif")) / 2**20,
+                        1,
+                    )
                     if with_labels
                     else None
                 ),

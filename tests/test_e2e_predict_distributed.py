@@ -17,7 +17,7 @@ from dessam_d2.data.synthetic.slide import write_synthetic_slide
 from dessam_d2.inference.slides import predict_slide, slide_output_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLIDE_FILES = ("cyto.geojson", "cyto_nuclei.csv", "cyto_labels.tif")
+SLIDE_FILES = ("cyto.geojson", "cyto_nuclei.csv", "cyto_labels.ome.tif")
 
 
 def test_shared_tiles_resume_and_assemble_to_the_one_process_files(tmp_path):

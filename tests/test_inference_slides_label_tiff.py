@@ -141,7 +141,7 @@ def test_a_killed_run_resumes_to_the_same_label_tiff(slide, tmp_path):
     predict_slide(predictor(), slide, str(whole), progress=False, label_tiff=True)
     with pytest.raises(KeyboardInterrupt):
         predict_slide(predictor(fail_at=30), slide, str(resumed), progress=False, label_tiff=True)
-    assert not (resumed / "cyto_labels.tif").exists()
+    assert not (resumed / "cyto_labels.ome.tif").exists()
     predict_slide(predictor(), slide, str(resumed), progress=False, label_tiff=True)
-    for name in ("cyto_labels.tif", "cyto.geojson", "cyto_nuclei.csv"):
+    for name in ("cyto_labels.ome.tif", "cyto.geojson", "cyto_nuclei.csv"):
         assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name

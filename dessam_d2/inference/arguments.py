@@ -24,6 +24,6 @@ def add_slide_arguments(parser) -> None:
     group.add_argument(
         "--label-tiff",
         action="store_true",
-        help="also write <slide>_labels.tif: tiled pyramidal uint32 label image of level 0, "
-        "pixel = nucleus id of the GeoJSON and CSV (QuPath, napari)",
+        help="also write <slide>_labels.ome.tif: pyramidal uint32 OME-TIFF label image of level "
+        "0, pixel = nucleus id of the GeoJSON and CSV (QuPath/Fiji via Bio-Formats, napari)",
     )

@@ -10,8 +10,8 @@ Tiles without tissue on an Otsu-thresholded thumbnail are skipped (``tissue``). 
                         its measurements as properties, in level-0 slide coordinates
     <stem>_nuclei.csv   one row per nucleus: the image CSV's columns in level-0 slide pixels
                         (box, area, perimeter); written last, its presence marks the slide done
-    <stem>_labels.tif   with ``label_tiff``: tiled pyramidal uint32 label image of level 0, pixel
-                        = nucleus id (``label_tiff.write_label_tiff``)
+    <stem>_labels.ome.tif  with ``label_tiff``: pyramidal uint32 OME-TIFF label image of level 0,
+                        pixel = nucleus id (``label_tiff.write_label_tiff``)
 
 Nothing is held for the whole slide but counters; a killed run resumes after the last finished
 tile (``journal``). Ids are Python integers: no wrap. One or several processes: ``run``.

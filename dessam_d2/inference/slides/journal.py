@@ -41,7 +41,7 @@ def slide_output_paths(output_dir: str, slide_path: str) -> Dict[str, str]:
         "features": os.path.join(work, "features.part"),
         "rows": os.path.join(work, "rows.part"),
         # --label-tiff: the label image, and each tile's labels until it is written
-        "label_tiff": os.path.join(output_dir, stem + "_labels.tif"),
+        "label_tiff": os.path.join(output_dir, stem + "_labels.ome.tif"),
         "label_chunks": os.path.join(work, "labels"),
         # several processes: each tile's nuclei as its process found them, for process 0
         "tiles": os.path.join(output_dir, f".{stem}.tiles"),

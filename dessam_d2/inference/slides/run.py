@@ -177,7 +177,7 @@ def predict_slide(
     """Predict one slide at level 0, ``level``, or the resolution ``mpp`` (µm per pixel; the
     slide's own is ``slide_mpp`` when it does not say), only in ``roi`` (x, y, w, h in level-0
     pixels) if given, only tiles with tissue if ``detect_tissue``; ``label_tiff``: also write
-    ``<stem>_labels.tif`` (``write_label_tiff``). Returns (tiles predicted by this process,
+    ``<stem>_labels.ome.tif`` (``write_label_tiff``). Returns (tiles predicted by this process,
     background tiles skipped, nuclei (process 0 only)).
 
     Several processes: call it in each, ``torch.distributed`` set up, with its ``rank`` of
