@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 
+import cv2
 import pytest
 from test_inference_slides_run import predictor
 
-from dessam_d2.data.synthetic.slide import write_synthetic_slide
+from dessam_d2.data.synthetic.slide import read_level0, write_synthetic_slide
+from dessam_d2.inference.images import predict_images
 from dessam_d2.inference.slides import predict_slide, slide_output_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from test_inference_slides_run import predictor
 from dessam_d2.errors import RunFailedError
 from dessam_d2.inference import peers
+from dessam_d2.inference.images import predict_images
 from dessam_d2.inference.slides import predict_slides
 
 rank, port, slide, out, how = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
@@ -40,7 +43,11 @@ if rank == 1:
         return forward(inputs)
     p.model.forward = failing
 try:
-    predict_slides(p, [slide], out, progress=False, rank=rank, world_size=2)
+    if os.path.isdir(slide):  # a folder of images
+        images = sorted(os.path.join(slide, name) for name in os.listdir(slide))
+        predict_images(p, images, out, progress=False, rank=rank, world_size=2)
+    else:
+        predict_slides(p, [slide], out, progress=False, rank=rank, world_size=2)
 except RunFailedError as e:
     print(f"stopped at {time.time()}: {e}", flush=True)
     sys.exit(e.exit_code)
@@ -101,4 +108,36 @@ def test_a_failed_process_stops_the_other_and_the_run_resumes(tmp_path, how):
     rest = predictor()
     predict_slide(rest, slide, str(two), progress=False)
     for name in ("cyto.geojson", "cyto_nuclei.csv"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_a_failed_process_stops_the_other_on_images_and_the_run_resumes(tmp_path):
+    """The same watch for a folder of images: process 1 fails on its first image, process 0
+    stops with its error (at the latest at the barrier before the COCO file), the images done
+    stay done and a second run gives the one-process files."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    slide = str(tmp_path / "cyto.tif")
+    write_synthetic_slide(slide, (512, 512), seed=3, mpp=0.25)
+    level0 = read_level0(slide)
+    for i in range(6):
+        y, x = divmod(i, 3)
+        cv2.imwrite(
+            str(folder / f"img{i}.png"),
+            level0[y * 256 : y * 256 + 256, x * 160 : x * 160 + 160, ::-1],
+        )
+    images = sorted(str(folder / name) for name in os.listdir(folder))
+    one, two = tmp_path / "one", tmp_path / "two"
+    predict_images(predictor(), images, str(one), progress=False)
+
+    start = time.time()
+    (status0, out0, err0), (status1, out1, err1) = run_two(tmp_path, str(folder), two, "raise")
+    assert time.time() - start < 60
+    assert status0 == 1 and status1 != 0, (out0, err0[-2000:], out1, err1[-2000:])
+    assert "process 1 of 2 failed: OSError: No space left on device" in out0
+    assert not (two / "predictions_coco.json").exists()
+
+    predict_images(predictor(), images, str(two), progress=False)
+    assert len(os.listdir(one)) > len(images)  # every image's files and the COCO file
+    for name in sorted(os.listdir(one)):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
