@@ -6,10 +6,13 @@ README's commands do: the working directory is set to it, so pytest runs from an
 
 import os
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.structures import Boxes, Instances
+from scipy import ndimage
 
 from dessam_d2 import add_dessam_config
 from dessam_d2.data.synthetic.cytology import synthetic_model_input
@@ -65,6 +68,41 @@ def make_instances(boxes, image_size):
 def synthetic_input(seed=0, size=(256, 200), boxes=((20, 30, 60, 70), (100, 120, 140, 150))):
     """An image with dark disc nuclei inside the given boxes, as the mapper would hand it over."""
     return synthetic_model_input(size, boxes=[list(b) for b in boxes], seed=seed)
+
+
+class DarkBlobModel(torch.nn.Module):
+    """A stand-in for DES-SAM: one instance per 4-connected dark blob of what it is shown. It
+    sees one tile only, so a blob cut by the tile's border comes out cut; ``calls`` counts the
+    tiles it was given, and ``fail_at`` raises on that call (a killed run); a pixel is
+    nucleus when its grey level is below ``dark``."""
+
+    def __init__(self, image_size=128, fail_at=None, dark=120):
+        super().__init__()
+        self.image_size, self.fail_at, self.calls, self.dark = image_size, fail_at, 0, dark
+
+    def forward(self, batched_inputs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        out = []
+        for x in batched_inputs:
+            h, w = x["height"], x["width"]
+            img = x["image"].permute(1, 2, 0).numpy()
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_NEAREST)
+            labels, n = ndimage.label(img.mean(axis=2) < self.dark)
+            inst = Instances((h, w))
+            inst.pred_masks = torch.as_tensor(
+                np.stack([labels == i for i in range(1, n + 1)]) if n else np.zeros((0, h, w)),
+                dtype=torch.bool,
+            )
+            boxes = [
+                [s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels)
+            ]
+            inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+            inst.scores = torch.linspace(0.9, 0.6, n) if n else torch.zeros(0)
+            inst.pred_classes = torch.zeros(n, dtype=torch.int64)
+            out.append({"instances": inst})
+        return out
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import DarkBlobModel
 from detectron2.structures import Boxes, Instances
 from scipy import ndimage
 
@@ -14,35 +15,13 @@ from dessam_d2.inference.outputs import output_paths
 from dessam_d2.inference.predictor import Predictor
 
 
-class ThresholdModel(torch.nn.Module):
-    """A stand-in for DES-SAM with the same interface: one instance per dark blob of its input.
-
-    It sees only what a tile shows, so a blob cut by the tile border comes out cut: the tiling
-    must keep each nucleus from the one tile that holds it whole.
-    """
+class ThresholdModel(DarkBlobModel):
+    """The stand-in for DES-SAM at 64 px: one instance per dark blob of its input. It sees only
+    what a tile shows, so a blob cut by the tile border comes out cut: the tiling must keep each
+    nucleus from the one tile that holds it whole."""
 
     def __init__(self, image_size=64):
-        super().__init__()
-        self.image_size = image_size
-
-    def forward(self, batched_inputs):
-        out = []
-        for x in batched_inputs:
-            h, w = x["height"], x["width"]
-            img = x["image"].permute(1, 2, 0).numpy()
-            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_NEAREST)
-            labels, n = ndimage.label(img[..., 0] < 100)
-            inst = Instances((h, w))
-            masks = np.stack([labels == i for i in range(1, n + 1)]) if n else np.zeros((0, h, w))
-            inst.pred_masks = torch.as_tensor(masks, dtype=torch.bool)
-            boxes = [
-                [s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels)
-            ]
-            inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-            inst.scores = torch.linspace(0.9, 0.6, n) if n else torch.zeros(0)
-            inst.pred_classes = torch.zeros(n, dtype=torch.int64)
-            out.append({"instances": inst})
-        return out
+        super().__init__(image_size=image_size, dark=100)
 
 
 def disc_image(h=150, w=200, centres=((20, 20), (60, 63), (100, 30), (130, 120), (75, 170))):

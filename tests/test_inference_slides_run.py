@@ -6,11 +6,8 @@ import os
 import subprocess
 import sys
 
-import cv2
-import numpy as np
 import pytest
-import torch
-from detectron2.structures import Boxes, Instances
+from conftest import DarkBlobModel
 from scipy import ndimage
 from shapely.geometry import shape
 
@@ -23,42 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DARK = 120  # grey level below which the stand-in model calls a pixel nucleus
 
 
-class DarkBlobModel(torch.nn.Module):
-    """A stand-in for DES-SAM: one instance per 4-connected dark blob of what it is shown. It
-    sees one tile only, so a blob cut by the tile's border comes out cut; ``calls`` counts the
-    tiles it was given, and ``fail_at`` raises on that call (a killed run)."""
-
-    def __init__(self, image_size=128, fail_at=None):
-        super().__init__()
-        self.image_size, self.fail_at, self.calls = image_size, fail_at, 0
-
-    def forward(self, batched_inputs):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise KeyboardInterrupt
-        out = []
-        for x in batched_inputs:
-            h, w = x["height"], x["width"]
-            img = x["image"].permute(1, 2, 0).numpy()
-            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_NEAREST)
-            labels, n = ndimage.label(img.mean(axis=2) < DARK)
-            inst = Instances((h, w))
-            inst.pred_masks = torch.as_tensor(
-                np.stack([labels == i for i in range(1, n + 1)]) if n else np.zeros((0, h, w)),
-                dtype=torch.bool,
-            )
-            boxes = [
-                [s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels)
-            ]
-            inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-            inst.scores = torch.linspace(0.9, 0.6, n) if n else torch.zeros(0)
-            inst.pred_classes = torch.zeros(n, dtype=torch.int64)
-            out.append({"instances": inst})
-        return out
-
-
 def predictor(**kw):
-    return Predictor(DarkBlobModel(**kw), tile_size=128, tile_overlap=48)
+    return Predictor(DarkBlobModel(dark=DARK, **kw), tile_size=128, tile_overlap=48)
 
 
 def test_nuclei_come_out_once_whole_and_at_slide_coordinates(slide, tmp_path):
