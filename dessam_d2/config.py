@@ -71,6 +71,10 @@ def add_dessam_config(cfg: CN) -> None:
     _C.MODEL.DESSAM.DECODER_CHUNK_SIZE = 40
     # Cap on student masks per image in training (positive RoIs are subsampled); 0 = all.
     _C.MODEL.DESSAM.MAX_TRAIN_MASKS_PER_IMAGE = 0
+    # BoxInst's box-projection term (Dice of the mask's x / y max-projections against the
+    # box's): 0 in DES-SAM (the teacher keeps the masks in their boxes); what a box-supervised
+    # model that trains the whole network needs without a teacher (the demo's whole-network row).
+    _C.MODEL.DESSAM.LOSS_PROJECTION_WEIGHT = 0.0
     # lambda_dect, lambda_distill, lambda_pairwise of Eq. 5.
     _C.MODEL.DESSAM.LOSS_DECT_WEIGHT = 1.0
     _C.MODEL.DESSAM.LOSS_DISTILL_WEIGHT = 1.0
@@ -123,6 +127,25 @@ def add_dessam_config(cfg: CN) -> None:
     _C.TEST.DETECTIONS_PER_IMAGE = 120
     # Augmentation of the training mapper: "none" (paper), "horizontal", "vertical" or "both".
     _C.INPUT.RANDOM_FLIP = "none"
+    # HED stain jitter of training images (Tellez et al. 2018; image only, boxes unchanged):
+    # off in the paper and the release. STAIN_AUGMENT_SIGMA / _BIAS: each of the H, E, D
+    # channels becomes alpha * c + beta, alpha ~ U(1 - sigma, 1 + sigma), beta ~ U(-bias, bias).
+    _C.INPUT.STAIN_AUGMENT = False
+    _C.INPUT.STAIN_AUGMENT_SIGMA = 0.05
+    _C.INPUT.STAIN_AUGMENT_BIAS = 0.05
+
+    # Anchors fitted to the training boxes at the start of training (sizes: one per pyramid
+    # level, quantiles of the boxes' sqrt(area) at the model's input size; aspect ratios:
+    # quantiles of h / w), replacing SIZES and ASPECT_RATIOS (same counts). Off in the paper's
+    # configs; on for the demo and for tools/train_net.py --dataset unless SIZES is set there.
+    _C.MODEL.ANCHOR_GENERATOR.FIT_TO_BOXES = False
+    # Fit the test-time box score threshold after training: the one of maximum box F1 at IoU 0.5
+    # on the training boxes (never masks), saved in the checkpoint and used wherever the model
+    # is loaded in place of MODEL.ROI_HEADS.SCORE_THRESH_TEST (DATASETS.TEST_SCORE_THRESH, when
+    # set, still wins). Off in the paper's configs (0.55 / 0.05, the release's).
+    _C.TEST.SCORE_THRESH_AUTO = False
+    # Training images the threshold is fitted on (a fixed random subset beyond it); 0 = all.
+    _C.TEST.SCORE_THRESH_AUTO_MAX_IMAGES = 200
 
     # "SGD" (the paper, and the demo) or "ADAMW" (any case).
     _C.SOLVER.OPTIMIZER = "SGD"
