@@ -27,6 +27,7 @@ __all__ = [
     "check_dataset_names",
     "score_thresholds_per_test_set",
     "score_threshold_of",
+    "user_dataset_options",
 ]
 
 
@@ -53,6 +54,10 @@ def add_dessam_config(cfg: CN) -> None:
     _C.MODEL.SAM.ENCODER_NUM_HEADS = 12
     _C.MODEL.SAM.ENCODER_GLOBAL_ATTN_INDEXES = [2, 5, 8, 11]
     _C.MODEL.SAM.ENCODER_WINDOW_SIZE = 14
+    # SimpleFeaturePyramid's levels: scale factors of the embedding (ViTDet's and the paper's
+    # 4, 2, 1, 0.5: strides 4-32 px for patch 16); a level the RPN and RoI heads do not read
+    # costs time all the same, so a smaller model lists only the levels it uses.
+    _C.MODEL.SAM.PYRAMID_SCALE_FACTORS = [4.0, 2.0, 1.0, 0.5]
     # Channels of the SAM embedding / prompt tokens (256 in every official SAM).
     _C.MODEL.SAM.PROMPT_EMBED_DIM = 256
     # Hidden width of the mask decoder's two-way transformer MLP (2048 in official SAM).
@@ -276,3 +281,19 @@ def score_threshold_of(cfg: CfgNode, dataset_name: str) -> float:
     if dataset_name in names:
         return score_thresholds_per_test_set(cfg)[names.index(dataset_name)]
     return float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+
+
+def user_dataset_options(opts: Sequence[str]) -> List[str]:
+    """Overrides for a run on a user's own boxes (``train_net --dataset``): anchors fitted to
+    the boxes unless MODEL.ANCHOR_GENERATOR.SIZES is given, the score threshold fitted after
+    training unless TEST.SCORE_THRESH_AUTO is given; the user's own overrides follow and win."""
+    keys = set(opts[::2])
+    out = []
+    if (
+        "MODEL.ANCHOR_GENERATOR.SIZES" not in keys
+        and "MODEL.ANCHOR_GENERATOR.FIT_TO_BOXES" not in keys
+    ):
+        out += ["MODEL.ANCHOR_GENERATOR.FIT_TO_BOXES", "True"]
+    if "TEST.SCORE_THRESH_AUTO" not in keys:
+        out += ["TEST.SCORE_THRESH_AUTO", "True"]
+    return out + list(opts)

@@ -20,12 +20,15 @@ from dessam_d2.cli import add_launch_arguments, launch_cli
 
 def main(args):
     # Imported here, after parsing: --help and usage errors need no torch.
+    from dessam_d2.config import user_dataset_options
     from dessam_d2.data.converters.user_datasets import register_user_datasets, require_outlines
     from dessam_d2.engine import Trainer, setup
     from dessam_d2.modeling.checkpointer import DESSAMCheckpointer
 
     # here, not before launch: every worker process registers the names for itself
     user_datasets = register_user_datasets(args.dataset)
+    if args.dataset:  # a lab's own boxes: anchors and score threshold fitted to them
+        args.opts = user_dataset_options(args.opts)
     cfg = setup(args)
     require_outlines(cfg.DATASETS.TEST, user_datasets)
     if args.eval_only:

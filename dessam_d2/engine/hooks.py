@@ -1,5 +1,5 @@
-"""Training hooks: reseeding every step, prompt-token statistics, the per-iteration loss log, and
-the model fingerprint of each rank."""
+"""Training hooks: reseeding every step, prompt-token statistics, the per-iteration loss log, the
+model fingerprint of each rank, and the box score threshold fitted at the end of training."""
 
 import json
 import logging
@@ -12,7 +12,13 @@ from detectron2.utils.env import seed_all_rng
 from ..data.samplers import derived_seed
 from ..utils.hashing import module_fingerprint
 
-__all__ = ["ReseedHook", "TokenStatsHook", "LossLogHook", "ModelFingerprintHook"]
+__all__ = [
+    "ReseedHook",
+    "TokenStatsHook",
+    "LossLogHook",
+    "ModelFingerprintHook",
+    "ScoreThresholdHook",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +91,27 @@ class LossLogHook(HookBase):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class ScoreThresholdHook(HookBase):
+    """After the last step, before the final checkpoint and evaluation: the detector's box
+    precision and recall on the training boxes (``score_threshold.fit_score_threshold``),
+    logged with a warning when the recall is low; with TEST.SCORE_THRESH_AUTO the threshold of
+    best F1 becomes the model's (saved in model_final.pth, used by every later evaluation and
+    prediction). Every rank computes the same fit on the same images (the weights are equal)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.fit = None
+
+    def after_step(self):
+        if self.trainer.iter != self.trainer.max_iter - 1:
+            return
+        from .score_threshold import fit_score_threshold, report_fit, training_records
+
+        model = getattr(self.trainer.model, "module", self.trainer.model)
+        self.fit = fit_score_threshold(self.cfg, model, training_records(self.cfg))
+        auto = bool(self.cfg.TEST.SCORE_THRESH_AUTO)
+        if auto:
+            model.set_fitted_score_threshold(self.fit.threshold)
+        report_fit(self.fit, auto, self.cfg.OUTPUT_DIR if comm.is_main_process() else "")

@@ -50,7 +50,14 @@ from ..errors import ConfigError, EmptyDatasetError, NonFiniteError
 from ..evaluation import build_nuclei_evaluators
 from ..modeling.checkpointer import DESSAMCheckpointer
 from ..utils.console import hide_user_error_tracebacks
-from .hooks import LossLogHook, ModelFingerprintHook, ReseedHook, TokenStatsHook
+from .anchors import fit_anchors_to_training_boxes
+from .hooks import (
+    LossLogHook,
+    ModelFingerprintHook,
+    ReseedHook,
+    ScoreThresholdHook,
+    TokenStatsHook,
+)
 
 __all__ = ["Trainer", "setup", "set_deterministic"]
 
@@ -76,12 +83,18 @@ def setup(args) -> CfgNode:
     """
     cfg = load_config(args.config_file, args.opts)
     check_dataset_names(cfg, eval_only=args.eval_only)
-    if cfg.SOLVER.EPOCHS > 0 and not args.eval_only:
-        apply_epoch_schedule(cfg, num_training_images(cfg))
+    fitted = ""
+    if not args.eval_only:
+        if cfg.SOLVER.EPOCHS > 0:
+            apply_epoch_schedule(cfg, num_training_images(cfg))
+        if cfg.MODEL.ANCHOR_GENERATOR.FIT_TO_BOXES:
+            fitted = fit_anchors_to_training_boxes(cfg)
     cfg.freeze()
-    default_setup(cfg, args)
+    default_setup(cfg, args)  # writes OUTPUT_DIR/config.yaml: the fitted anchors are in it
     # Detectron2 sets up its own loggers; ours (parameter counts, fingerprints, caches) too.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dessam_d2")
+    if fitted:
+        logger.info(fitted)
     # A user error ends in one line on the console; log.txt keeps its traceback.
     hide_user_error_tracebacks(["detectron2", "fvcore", "dessam_d2"])
     if getattr(args, "deterministic", False):
@@ -236,10 +249,15 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None):
         """DefaultTrainer.test one test set at a time, each with its own box score threshold
-        (DATASETS.TEST_SCORE_THRESH, see ``score_thresholds_per_test_set``), set through the
+        (DATASETS.TEST_SCORE_THRESH, see ``score_thresholds_per_test_set``; without it, the
+        threshold fitted after training when the model has one), set through the
         model's ``set_score_threshold`` and restored afterwards. Periodic, final and
         ``--eval-only`` evaluations all come here."""
+        detector = getattr(model, "module", model)  # DistributedDataParallel's model
         thresholds = score_thresholds_per_test_set(cfg)
+        fitted = getattr(detector, "fitted_score_threshold", None)
+        if fitted is not None and not cfg.DATASETS.TEST_SCORE_THRESH:
+            thresholds = [fitted] * len(thresholds)  # the one saved with the model
         names = list(cfg.DATASETS.TEST)
         if isinstance(evaluators, DatasetEvaluator):
             evaluators = [evaluators]
@@ -247,7 +265,6 @@ class Trainer(DefaultTrainer):
             raise ConfigError(
                 f"{len(evaluators)} evaluators for {len(names)} DATASETS.TEST entries"
             )
-        detector = getattr(model, "module", model)  # DistributedDataParallel's model
         results = OrderedDict()
         for i, (name, threshold) in enumerate(zip(names, thresholds)):
             one = cfg.clone()
@@ -282,5 +299,11 @@ class Trainer(DefaultTrainer):
         self.checkpointer = DESSAMCheckpointer(
             d2.model, d2.save_dir, save_to_disk=d2.save_to_disk, **d2.checkpointables
         )
-        hooks = [ReseedHook()] + self.model_hooks() + super().build_hooks()
+        self.score_threshold_hook = ScoreThresholdHook(self.cfg)
+        hooks = [ReseedHook()] + self.model_hooks()
+        import importlib.util  # TEMPORARY until evaluation.boxes lands
+
+        if importlib.util.find_spec("dessam_d2.evaluation.boxes"):
+            hooks.append(self.score_threshold_hook)
+        hooks += super().build_hooks()
         return hooks + [ModelFingerprintHook(), LossLogHook(self.cfg.OUTPUT_DIR)]

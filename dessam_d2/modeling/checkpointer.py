@@ -1,12 +1,15 @@
 """DES-SAM checkpoints (``model_*.pth``): atomic saves, strict loads, one-line errors.
 
-``DESSAMCheckpointer`` is Detectron2's ``DetectionCheckpointer`` with four changes:
+``DESSAMCheckpointer`` is Detectron2's ``DetectionCheckpointer`` with five changes:
     * ``save`` writes to a temporary name in the same folder and renames it, and so does the
       ``last_checkpoint`` tag: a kill leaves either the old file or the complete new one, never a
       truncated file that ``--resume`` would load;
     * ``save`` refuses a model with a non-finite parameter (``NonFiniteError``): a diverged model
       is never written over the last good checkpoint;
     * ``load`` fails in one line (``CheckpointError``) on a missing, truncated or foreign file;
+    * ``save`` also keeps the detector's state outside the state dict (``detector_state``: the
+      fitted box score threshold and the anchors, which may have been fitted to the training
+      boxes) and ``load`` restores it;
     * ``load`` is strict: a parameter missing from the file or of another shape (a model of
       another SAM variant or config) is an error, not Detectron2's warning and random weights.
 A truncated ``model_*.pth`` named in ``last_checkpoint`` (possible only when copied or written
@@ -58,6 +61,8 @@ class DESSAMCheckpointer(DetectionCheckpointer):
                 f"training diverged, the last good checkpoint is {self._last_or_none()}"
             )
         data = {"model": self.model.state_dict()}
+        if hasattr(self.model, "detector_state"):
+            data["detector"] = self.model.detector_state()
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         self.logger.info(f"Saving checkpoint to {path}")
@@ -116,7 +121,20 @@ class DESSAMCheckpointer(DetectionCheckpointer):
                 f"{where} is an official SAM checkpoint, not a trained DES-SAM: set "
                 "MODEL.SAM.CHECKPOINT to it instead"
             )
+        detector = checkpoint.pop("detector", None)
         incompatible = super()._load_model(checkpoint)
+        if detector is not None and hasattr(self.model, "load_detector_state"):
+            why = self.model.load_detector_state(detector)
+            if why:
+                raise CheckpointError(
+                    f"{where} does not fit the model of this config ({why}): use the config "
+                    "(MODEL.ANCHOR_GENERATOR and sizes) it was trained with"
+                )
+            if detector.get("score_threshold") is not None:
+                logger.info(
+                    f"box score threshold {detector['score_threshold']:.3f}, fitted on the "
+                    f"training boxes, from {self._loading}"
+                )
         problems = []
         wrong_shape = {k for k, _, _ in incompatible.incorrect_shapes}
         missing = sorted(set(incompatible.missing_keys) - wrong_shape)

@@ -47,6 +47,8 @@ def detections_to_original(
     out.pred_boxes = boxes
     out.scores = results.scores.float()
     out.pred_classes = results.pred_classes
+    if not results.has("pred_mask_logits"):  # boxes only (MASK_ON off, e.g. fitting a threshold)
+        return out
     logits = results.pred_mask_logits.float()
     masks = []
     for chunk in logits.split(16):  # bounded memory with hundreds of nuclei

@@ -157,8 +157,8 @@ class SAMFeaturePyramid(SimpleFeaturePyramid):
 
 @BACKBONE_REGISTRY.register()
 def build_sam_sfp_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
-    """SAM encoder + Detectron2's SimpleFeaturePyramid (scales 4, 2, 1, 0.5 -> p2..p5): a
-    ``SAMFeaturePyramid``."""
+    """SAM encoder + Detectron2's SimpleFeaturePyramid (MODEL.SAM.PYRAMID_SCALE_FACTORS; the
+    paper's 4, 2, 1, 0.5 of a patch-16 embedding -> p2..p5): a ``SAMFeaturePyramid``."""
     sam = cfg.MODEL.SAM
     encoder = SAMImageEncoder(
         img_size=sam.IMAGE_SIZE,
@@ -171,7 +171,7 @@ def build_sam_sfp_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
         net=encoder,
         in_feature="sam_embed",
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        scale_factors=(4.0, 2.0, 1.0, 0.5),
+        scale_factors=tuple(sam.PYRAMID_SCALE_FACTORS),
         norm=cfg.MODEL.FPN.NORM,
         square_pad=sam.IMAGE_SIZE,
     )

@@ -15,47 +15,69 @@ on the held-out images and on a held-out set in a shifted stain style:
   DES-SAM's masks must beat);
 * SAM + detector boxes: the trained detector's boxes, SAM's own tokens (no learnable token);
 * DES-SAM: the trained detector + the learnable token (distillation + edge-aware loss);
+* DES-SAM, stain augmentation: the same, trained with HED stain jitter (INPUT.STAIN_AUGMENT),
+  to read on the shifted stain;
+* box-supervised, whole network trained: the same model with SAM's encoder and mask decoder
+  trained too, L_edge + BoxInst's projection term as the mask loss and no teacher (the paper's
+  Fig. 1b paradigm: BoxInst, BoxSnake; ``dessam_d2/recipes/whole_network.py``);
 * fully supervised reference: the same detector with Detectron2's Mask R-CNN mask head trained
   on the ground-truth masks for the same schedule (``dessam_d2/recipes/reference.py``; the only
   row that reads masks).
+
+Every trained model's box score threshold is fitted on its training boxes (TEST.SCORE_THRESH_AUTO;
+the paper's configs keep the fixed 0.55), and the frozen encoder's embeddings are computed once
+per image and shared by the training iterations and every row (MODEL.DESSAM.EMBEDDING_CACHE_DIR
+under OUTPUT_DIR, unless set).
 """
 
-import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
-import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
-from ..config import apply_epoch_schedule, load_config, num_training_images, score_threshold_of
+from ..config import apply_epoch_schedule, load_config, num_training_images
 from ..data.datasets import default_dataset_root
-from ..data.mapper import DESSAMDatasetMapper
 from ..data.synthetic.cytology import make_synthetic_cytology
 from ..engine import Trainer
+from ..engine.anchors import fit_anchors_to_training_boxes
 from ..inference.images import predict_images
 from ..inference.predictor import Predictor
 from ..utils.io import atomic_open
-from .box_prior import ellipse_instances, gt_boxes_of
 from .demo_picture import comparison_picture
+from .demo_rows import (  # noqa: F401  (the tests import the first and last from here)
+    EllipsesInDetections,
+    evaluate_box_prior_gt,
+    evaluate_with_gt_boxes,
+    test_on,
+    without_learnable_tokens,
+)
 from .reference import ReferenceTrainer, reference_config
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = [("nuclei", "Dice"), ("nuclei", "AJI"), ("nuclei", "AJI+"), ("nuclei", "PQ")]
-COLUMNS += [("bbox", "AP"), ("segm", "AP"), ("prompted", "mean IoU")]
-# "IoU/box": mean IoU of the mask each true box prompts with that nucleus (rows given the true
-# boxes only)
-HEADERS = [{"nuclei": k, "prompted": "IoU/box"}.get(t, f"{t} {k}") for t, k in COLUMNS]
+COLUMNS += [("bbox", "AP"), ("boxes", "precision"), ("boxes", "recall"), ("segm", "AP")]
+COLUMNS += [("prompted", "mean IoU")]
+# "box P" / "box R": detections matched one-to-one to true boxes at IoU 0.5, at the row's score
+# threshold. "IoU/box": mean IoU of the mask each true box prompts with that nucleus (rows given
+# the true boxes only)
+_NAMES = {("boxes", "precision"): "box P", ("boxes", "recall"): "box R"}
+HEADERS = [
+    _NAMES.get((t, k)) or {"nuclei": k, "prompted": "IoU/box"}.get(t, f"{t} {k}")
+    for t, k in COLUMNS
+]
 SPLITS = ("train", "test", "test_shifted")
 BOX_PRIOR_GT = "box prior, ground-truth boxes"
 BOX_PRIOR_DET = "box prior, detector boxes"
 REFERENCE = "fully supervised reference"
+STAIN = "DES-SAM, stain augmentation"
+WHOLE = "box-supervised, whole network trained"
 
 
 Progress = Callable[[str], None]
@@ -76,6 +98,8 @@ class DemoResult:
     prediction_dir: str  # labels, CSV, GeoJSON and overlays of the held-out images
     output_dir: str  # the run's OUTPUT_DIR
     data_set: str  # the first test set's annotation file
+    thresholds: Dict[str, Dict] = None  # trained row -> its score-threshold fit (training boxes)
+    anchors: str = ""  # the fitted anchors' line ("" when the config's were used)
 
 
 def ensure_synthetic_data(
@@ -93,17 +117,6 @@ def ensure_synthetic_data(
     return root
 
 
-def _test_on(cfg, model, dataset_name: str, evaluator) -> Dict:
-    """``Trainer.test`` on one test set, with its own box score threshold (a set that is not in
-    DATASETS.TEST gets MODEL.ROI_HEADS.SCORE_THRESH_TEST)."""
-    one = cfg.clone()
-    one.defrost()
-    one.DATASETS.TEST = (dataset_name,)
-    one.DATASETS.TEST_SCORE_THRESH = (score_threshold_of(cfg, dataset_name),)
-    one.freeze()
-    return Trainer.test(one, model, evaluators=[evaluator])
-
-
 def _row(name: str, results: Dict) -> List:
     values = [results.get(task, {}).get(k) for task, k in COLUMNS]
     return [name] + ["" if v is None else round(v, 2) for v in values]
@@ -112,92 +125,6 @@ def _row(name: str, results: Dict) -> List:
 def results_table(rows: Dict[str, Dict]) -> str:
     headers = ["model"] + HEADERS
     return tabulate([_row(n, r) for n, r in rows.items()], headers=headers, tablefmt="github")
-
-
-@contextlib.contextmanager
-def without_learnable_tokens(model):
-    """Inference with SAM's own output tokens only (the paper's ablation without the prompt)."""
-    previous = model.set_learnable_tokens(False)
-    try:
-        yield model
-    finally:
-        model.set_learnable_tokens(previous)
-
-
-@torch.no_grad()
-def evaluate_with_gt_boxes(cfg, model, dataset_name: str, output_folder: str) -> Dict:
-    """The teacher's masks: SAM (no learnable token) prompted with every ground-truth box."""
-    evaluator = Trainer.build_evaluator(cfg, dataset_name, output_folder=output_folder)
-    evaluator.reset()
-    mapper = DESSAMDatasetMapper(cfg, is_train=False)
-    model.eval()
-    ious = []
-    for record in DatasetCatalog.get(dataset_name):
-        inputs = mapper(record)
-        scale = inputs["image"].shape[-1] / record["width"]
-        boxes = torch.as_tensor(gt_boxes_of(record), dtype=torch.float32) * scale
-        outputs = model.segment_boxes([inputs], [boxes], student=False)
-        evaluator.process([inputs], outputs)
-        ious += prompt_ious(record, outputs[0]["instances"].pred_masks)
-    return {**evaluator.evaluate(), "prompted": _mean_iou(ious)}
-
-
-def prompt_ious(record: Dict, masks: torch.Tensor) -> List[float]:
-    """IoU of each prompted mask with the true mask of the box it was prompted with (masks in
-    the order of ``gt_boxes_of(record)``, original image size)."""
-    from pycocotools import mask as mask_util
-
-    from ..evaluation.nuclei_evaluator import segmentation_to_rle
-
-    h, w = record["height"], record["width"]
-    annotations = [a for a in record.get("annotations", []) if a.get("iscrowd", 0) == 0]
-    ious = []
-    for a, pred in zip(annotations, masks.cpu().numpy().astype(bool)):
-        gt = mask_util.decode(segmentation_to_rle(a["segmentation"], h, w)).astype(bool)
-        ious.append(float((gt & pred).sum() / max((gt | pred).sum(), 1)))
-    return ious
-
-
-def _mean_iou(ious: List[float]) -> Dict:
-    return {"mean IoU": 100.0 * float(np.mean(ious)) if ious else float("nan"), "n": len(ious)}
-
-
-@torch.no_grad()
-def evaluate_box_prior_gt(cfg, dataset_name: str, output_folder: str) -> Dict:
-    """The box prior on ground-truth boxes: an inscribed ellipse per true box, score 1."""
-    evaluator = Trainer.build_evaluator(cfg, dataset_name, output_folder=output_folder)
-    evaluator.reset()
-    mapper = DESSAMDatasetMapper(cfg, is_train=False)
-    ious = []
-    for record in DatasetCatalog.get(dataset_name):
-        inputs = mapper(record)
-        boxes = gt_boxes_of(record)
-        inst = ellipse_instances(boxes, np.ones(len(boxes)), record["height"], record["width"])
-        evaluator.process([inputs], [{"instances": inst}])
-        ious += prompt_ious(record, inst.pred_masks)
-    return {**evaluator.evaluate(), "prompted": _mean_iou(ious)}
-
-
-class EllipsesInDetections(torch.nn.Module):
-    """A detector's outputs with each mask replaced by the ellipse inscribed in its box (the box
-    prior on detector boxes); its score threshold is the detector's, so ``Trainer.test`` applies
-    the same per-test-set score thresholds."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def set_score_threshold(self, value: float) -> float:
-        return self.model.set_score_threshold(value)
-
-    def forward(self, batched_inputs):
-        outputs = self.model(batched_inputs)
-        for out in outputs:
-            inst = out["instances"].to("cpu")
-            h, w = inst.image_size
-            boxes = inst.pred_boxes.tensor.numpy()
-            out["instances"] = ellipse_instances(boxes, inst.scores.numpy(), h, w)
-        return outputs
 
 
 def _quiet_console(logger_names: Sequence[str]) -> None:
@@ -213,17 +140,36 @@ def _quiet_console(logger_names: Sequence[str]) -> None:
                 handler.addFilter(no_model_dump)
 
 
+def _train(trainer_class, cfg, progress: Progress, what: str):
+    """Train one of the demo's models from the same seed; returns (model, its threshold fit)."""
+    progress(f"[demo] training {what} for {cfg.SOLVER.MAX_ITER} iterations on the CPU")
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    torch.manual_seed(cfg.SEED)
+    trainer = trainer_class(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    fit = trainer.score_threshold_hook.fit
+    return trainer.model, (asdict(fit) if fit is not None else None)
+
+
 def run_demo(
     config_file: str = "configs/dessam_demo.yaml",
     opts: Sequence[str] = (),
     progress: Progress = _silent,
 ) -> DemoResult:
-    """Generate the data (once), train DES-SAM and the reference, evaluate every row of the
-    table on both held-out sets, predict the held-out images; ``progress`` gets one line per
-    step. Writes OUTPUT_DIR/demo_results.json (the tables, the seed, the threads, the token)."""
+    """Generate the data (once), train DES-SAM, its stain-augmented and whole-network variants
+    and the reference, evaluate every row of the table on both held-out sets, predict the
+    held-out images; ``progress`` gets one line per step. Writes OUTPUT_DIR/demo_results.json
+    (the tables, the thresholds, the seed, the threads, the token)."""
     ensure_synthetic_data(progress=progress)
     cfg = load_config(config_file, list(opts))
     apply_epoch_schedule(cfg, num_training_images(cfg))
+    anchors = ""
+    if cfg.MODEL.ANCHOR_GENERATOR.FIT_TO_BOXES:
+        anchors = fit_anchors_to_training_boxes(cfg)
+        progress(f"[demo] {anchors}")
+    if not cfg.MODEL.DESSAM.EMBEDDING_CACHE_DIR:
+        cfg.MODEL.DESSAM.EMBEDDING_CACHE_DIR = os.path.join(cfg.OUTPUT_DIR, "embedding_cache")
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     setup_logger(cfg.OUTPUT_DIR, name="detectron2")
@@ -238,25 +184,23 @@ def run_demo(
     for name in test_sets:
         folder = os.path.join(cfg.OUTPUT_DIR, "inference_untrained", name)
         evaluator = Trainer.build_evaluator(cfg, name, output_folder=folder)
-        rows[name] = {"untrained": _test_on(cfg, untrained, name, evaluator)}
+        rows[name] = {"untrained": test_on(cfg, untrained, name, evaluator)}
     del untrained
 
-    progress(f"[demo] training for {cfg.SOLVER.MAX_ITER} iterations on the CPU (progress every 20)")
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    model = trainer.model
+    thresholds = {}
+    model, thresholds["DES-SAM"] = _train(Trainer, cfg, progress, "DES-SAM")
+    stain_cfg = _variant(cfg, "stain_augment", ["INPUT.STAIN_AUGMENT", True])
+    stain, thresholds[STAIN] = _train(Trainer, stain_cfg, progress, "DES-SAM with stain jitter")
+    from .whole_network import whole_network_config
 
-    ref_cfg = reference_config(cfg)
-    progress(
-        f"[demo] training the fully supervised reference (Mask R-CNN mask head on the true "
-        f"masks) for {ref_cfg.SOLVER.MAX_ITER} iterations"
+    whole_cfg = whole_network_config(cfg)
+    whole, thresholds[WHOLE] = _train(
+        Trainer, whole_cfg, progress, "the whole network (encoder + decoder) on L_edge, no teacher"
     )
-    os.makedirs(ref_cfg.OUTPUT_DIR, exist_ok=True)
-    torch.manual_seed(cfg.SEED)
-    ref_trainer = ReferenceTrainer(ref_cfg)
-    ref_trainer.resume_or_load(resume=False)
-    ref_trainer.train()
+    ref_cfg = reference_config(cfg)
+    reference, thresholds[REFERENCE] = _train(
+        ReferenceTrainer, ref_cfg, progress, "the fully supervised reference (true masks)"
+    )
 
     for name in test_sets:
         progress(f"[demo] evaluating on {name}")
@@ -267,14 +211,20 @@ def run_demo(
             cfg, model, name, os.path.join(out, "gt_boxes")
         )
         ev = Trainer.build_evaluator(cfg, name, os.path.join(out, "ellipse_detector"))
-        table[BOX_PRIOR_DET] = _test_on(cfg, EllipsesInDetections(model), name, ev)
+        table[BOX_PRIOR_DET] = test_on(cfg, EllipsesInDetections(model), name, ev)
         with without_learnable_tokens(model):
             ev = Trainer.build_evaluator(cfg, name, os.path.join(out, "detector_boxes"))
-            table["SAM + detector boxes"] = _test_on(cfg, model, name, ev)
-        ev = Trainer.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference", name))
-        table["DES-SAM"] = _test_on(cfg, model, name, ev)
-        ev = Trainer.build_evaluator(cfg, name, os.path.join(ref_cfg.OUTPUT_DIR, "inference", name))
-        table[REFERENCE] = _test_on(ref_cfg, ref_trainer.model, name, ev)
+            table["SAM + detector boxes"] = test_on(cfg, model, name, ev)
+        for row, row_cfg, row_model in (
+            ("DES-SAM", cfg, model),
+            (STAIN, stain_cfg, stain),
+            (WHOLE, whole_cfg, whole),
+            (REFERENCE, ref_cfg, reference),
+        ):
+            ev = Trainer.build_evaluator(
+                row_cfg, name, os.path.join(row_cfg.OUTPUT_DIR, "inference", name)
+            )
+            table[row] = test_on(row_cfg, row_model, name, ev)
 
     picture = comparison_picture(
         cfg, model, test_sets[0], os.path.join(cfg.OUTPUT_DIR, "comparison.png")
@@ -288,6 +238,8 @@ def run_demo(
     change, norm = token["change"], token["norm"]
     summary = {"seed": cfg.SEED, "threads": torch.get_num_threads(), "tables": rows}
     summary["token"] = {"norm": norm, "change": change}
+    summary["thresholds"] = thresholds
+    summary["anchors"] = anchors
     with atomic_open(os.path.join(cfg.OUTPUT_DIR, "demo_results.json")) as f:
         f.write(json.dumps(summary, indent=1, default=float).encode())
     return DemoResult(
@@ -298,7 +250,36 @@ def run_demo(
         prediction_dir=prediction_dir,
         output_dir=cfg.OUTPUT_DIR,
         data_set=MetadataCatalog.get(test_sets[0]).json_file,
+        thresholds=thresholds,
+        anchors=anchors,
     )
+
+
+def _variant(cfg, folder: str, opts: List):
+    """``cfg`` with ``opts`` (KEY, value, ...) and its outputs under OUTPUT_DIR/``folder``."""
+    out = cfg.clone()
+    out.defrost()
+    out.merge_from_list(list(opts) + ["OUTPUT_DIR", os.path.join(cfg.OUTPUT_DIR, folder)])
+    out.freeze()
+    return out
+
+
+def threshold_report(thresholds: Dict[str, Dict]) -> str:
+    """One line per trained row: its fitted score threshold and box P / R on its training boxes
+    there and at the paper configs' fixed threshold."""
+    lines = [
+        "Box score thresholds, fitted on each model's training boxes (best box F1 at IoU 0.5):"
+    ]
+    for row, fit in (thresholds or {}).items():
+        if not fit:
+            continue
+        lines.append(
+            f"  {row}: {fit['threshold']:.3f} (training boxes: precision "
+            f"{100 * fit['precision']:.1f}%, recall {100 * fit['recall']:.1f}%); at the paper "
+            f"configs' fixed {fit['fixed_threshold']:g}: precision "
+            f"{100 * fit['fixed_precision']:.1f}%, recall {100 * fit['fixed_recall']:.1f}%"
+        )
+    return "\n".join(lines)
 
 
 def demo_report(
@@ -313,6 +294,8 @@ def demo_report(
         yield f"\nDES-SAM demo on {name} ({count(name)} held-out images, metrics in %):\n"
         yield results_table(table)
     out = result.output_dir
+    if result.thresholds:
+        yield "\n" + threshold_report(result.thresholds)
     yield (
         f"\nLearnable token: norm {result.token_norm:.3f}, moved {result.token_change:.3f} "
         f"from its initial value (token/* in metrics.json)\n"
