@@ -213,3 +213,14 @@ def test_a_tool_prints_a_config_typo_as_one_line():
     assert proc.stderr.strip().splitlines() == [
         "error: MODEL.SAM.VARIANT=vit_x: use one of vit_b, vit_l, vit_h, custom"
     ]
+
+
+def test_a_run_on_a_users_boxes_fits_anchors_and_threshold_unless_told_otherwise():
+    from dessam_d2.config import user_dataset_options
+
+    fit = ["MODEL.ANCHOR_GENERATOR.FIT_TO_BOXES", "True", "TEST.SCORE_THRESH_AUTO", "True"]
+    assert user_dataset_options([]) == fit
+    mine = ["SOLVER.EPOCHS", "3"]
+    assert user_dataset_options(mine) == fit + mine  # the user's overrides come last and win
+    sizes = ["MODEL.ANCHOR_GENERATOR.SIZES", "[[16]]", "TEST.SCORE_THRESH_AUTO", "False"]
+    assert user_dataset_options(sizes) == sizes  # anchors and threshold as the user set them

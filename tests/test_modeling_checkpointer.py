@@ -69,3 +69,31 @@ def test_loading_checks_the_file_and_the_model_strictly(tmp_path):
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
     with pytest.raises(CheckpointError, match="model_0000009.pth .named in .*last_checkpoint"):
         DESSAMCheckpointer(tiny_model(), str(tmp_path)).resume_or_load("", resume=True)
+
+
+def test_the_fitted_threshold_and_anchors_travel_with_the_checkpoint(tmp_path):
+    """A model trained with fitted anchors and threshold predicts with them wherever it is
+    loaded, whatever anchors and threshold the loading config names."""
+    torch.manual_seed(0)
+    trained = build_model(tiny_cfg(**{"MODEL.ANCHOR_GENERATOR.SIZES": [[10], [14], [20], [28]]}))
+    trained.set_fitted_score_threshold(0.31)
+    DESSAMCheckpointer(trained, save_dir=str(tmp_path)).save("model_final")
+    path = str(tmp_path / "model_final.pth")
+
+    other = build_model(tiny_cfg())  # the config's anchors 8-64, threshold 0.55
+    assert other.score_threshold == 0.55 and other.fitted_score_threshold is None
+    DESSAMCheckpointer(other).load(path)
+    assert other.score_threshold == pytest.approx(0.31)
+    assert other.fitted_score_threshold == pytest.approx(0.31)
+    for mine, saved in zip(other.cell_anchors(), trained.cell_anchors()):
+        assert torch.equal(mine, saved)
+
+    plain = build_model(tiny_cfg())  # a model without a fitted threshold keeps the config's
+    DESSAMCheckpointer(plain, save_dir=str(tmp_path / "plain")).save("model_final")
+    fresh = build_model(tiny_cfg())
+    DESSAMCheckpointer(fresh).load(str(tmp_path / "plain" / "model_final.pth"))
+    assert fresh.score_threshold == 0.55 and fresh.fitted_score_threshold is None
+
+    three_ratios_less = build_model(tiny_cfg(**{"MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[1.0]]}))
+    with pytest.raises(CheckpointError, match="its anchors .* are not this config's"):
+        DESSAMCheckpointer(three_ratios_less).load(path)
