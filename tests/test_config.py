@@ -95,6 +95,8 @@ DEMO_SIZE_AND_SCHEDULE = (
     "MODEL.SAM.",
     "MODEL.FPN.OUT_CHANNELS",
     "MODEL.ANCHOR_GENERATOR.SIZES",
+    "MODEL.ANCHOR_GENERATOR.FIT_TO_BOXES",  # anchors and threshold fitted to the boxes: the
+    "TEST.SCORE_THRESH_AUTO",  # toy detector's are not ViT-B's (fitting reads boxes only)
     "MODEL.RPN.IN_FEATURES",
     "MODEL.RPN.POST_NMS_TOPK_",
     "MODEL.ROI_HEADS.IN_FEATURES",
