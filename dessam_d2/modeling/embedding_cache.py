@@ -22,13 +22,13 @@ import hashlib
 import logging
 import os
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..utils.hashing import tensor_digest
+from ..utils.hashing import module_fingerprint, tensor_digest
 from ..utils.io import TEMP_SUFFIX, atomic_open
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,15 @@ def weights_state(module: nn.Module) -> Tuple:
     return tuple((t.data_ptr(), t._version) for t in module.parameters()) + tuple(
         (t.data_ptr(), t._version) for t in module.buffers()
     )
+
+
+def encoder_fingerprint(
+    encoder: nn.Module, pixel_mean: torch.Tensor, pixel_std: torch.Tensor, image_size: int
+) -> str:
+    """Hash of an encoder's weights and of the preprocessing in front of it (the normalisation
+    and the input size): what an embedding depends on besides the image."""
+    extra = [pixel_mean.reshape(-1), pixel_std.reshape(-1), torch.tensor(image_size)]
+    return module_fingerprint(encoder, extra)
 
 
 class EmbeddingCache:
@@ -202,3 +211,34 @@ class EmbeddingCache:
             f"({100 * s['hit_rate']:.0f}% hit rate), {s['writes']} writes, {s['evictions']} "
             f"evictions, {s['entries']} entries, {s['size_gb']:.2f} / {s['max_gb']:g} GB"
         )
+
+
+def cached_encode(
+    cache: EmbeddingCache,
+    batched_inputs: List[Dict],
+    images: torch.Tensor,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    fingerprint: str,
+    image_size: int,
+    shape: Sequence[int],
+    encoder_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """B x C x h x w embeddings of ``images`` (the padded, normalised B x 3 x S x S encoder input
+    of ``batched_inputs``): read from ``cache`` where the same input image (its "image" and
+    "sam_transform") went through an encoder of the same ``fingerprint`` in the same dtype,
+    computed by ``encode`` and stored otherwise. Every model that feeds the same encoder the
+    same way shares the entries (DES-SAM's training, evaluation and prediction, and the demo's
+    reference, which builds the same fingerprint)."""
+    keys = [
+        cache.key(x["image"], x.get("sam_transform", ""), image_size, fingerprint, encoder_dtype)
+        for x in batched_inputs
+    ]
+    found = [cache.get(k, shape) for k in keys]
+    missing = [i for i, f in enumerate(found) if f is None]
+    if missing:
+        fresh = encode(images[missing])
+        for i, emb in zip(missing, fresh):
+            # What was stored, rounded to the cache's dtype: results do not depend on whether
+            # an image was a hit or a miss.
+            found[i] = cache.put(keys[i], emb)
+    return torch.stack(found).to(images.device, torch.float32)

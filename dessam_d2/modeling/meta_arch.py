@@ -20,8 +20,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..errors import ConfigError
-from ..utils.hashing import module_fingerprint
-from .embedding_cache import EmbeddingCache, weights_state
+from .embedding_cache import EmbeddingCache, cached_encode, encoder_fingerprint, weights_state
 from .postprocess import detections_to_original
 from .sam_weights import load_sam_checkpoint
 from .settings import DetectorSettings
@@ -255,24 +254,20 @@ class DESSAM(DetectorSettings, nn.Module):
         if cache is None:
             return self.encode(images.tensor, dtype)
         enc = self.image_encoder
-        shape = (enc.out_chans, enc.embed_size, enc.embed_size)
-        fingerprint = self.encoder_fingerprint()
-        keys = [
-            cache.key(x["image"], x.get("sam_transform", ""), self.image_size, fingerprint, dtype)
-            for x in batched_inputs
-        ]
-        found = [cache.get(k, shape) for k in keys]
-        missing = [i for i, f in enumerate(found) if f is None]
-        if missing:
-            fresh = self.encode(images.tensor[missing], dtype)
-            for i, emb in zip(missing, fresh):
-                # What was stored, rounded to the cache's dtype: results do not depend on
-                # whether an image was a hit or a miss.
-                found[i] = cache.put(keys[i], emb)
+        found = cached_encode(
+            cache,
+            batched_inputs,
+            images.tensor,
+            lambda x: self.encode(x, dtype),
+            self.encoder_fingerprint(),
+            self.image_size,
+            (enc.out_chans, enc.embed_size, enc.embed_size),
+            dtype,
+        )
         if time.time() - self._cache_logged > 600:
             self._cache_logged = time.time()
             logger.info(cache.summary(rescan=False))
-        return torch.stack(found).to(self.device, torch.float32)
+        return found
 
     def encode(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """SAM's encoder on B x 3 x S x S normalised images, computed in ``dtype`` (bfloat16:
@@ -286,8 +281,9 @@ class DESSAM(DetectorSettings, nn.Module):
         state = weights_state(self.image_encoder.encoder)
         if state != self._fingerprint_state:
             t = time.perf_counter()
-            extra = [self.pixel_mean, self.pixel_std, torch.tensor(self.image_size)]
-            self._fingerprint = module_fingerprint(self.image_encoder.encoder, extra)
+            self._fingerprint = encoder_fingerprint(
+                self.image_encoder.encoder, self.pixel_mean, self.pixel_std, self.image_size
+            )
             self._fingerprint_state = state
             logger.info(
                 f"SAM encoder fingerprint {self._fingerprint[:12]} "
