@@ -86,3 +86,34 @@ def test_the_reference_is_mask_rcnn_on_the_same_frozen_sam_encoder(cytology, tmp
     # Trainer.test sets each test set's score threshold through the same method as DES-SAM's
     assert model.set_score_threshold(0.3) == cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
     assert model.roi_heads.box_predictor.test_score_thresh == 0.3
+
+
+def test_the_reference_reads_the_embeddings_des_sam_stored(cytology, tmp_path, one_thread):
+    """One frozen encoder, one image: DES-SAM encodes it, the reference reads it back."""
+    from dessam_d2.data.mapper import DESSAMDatasetMapper
+
+    _, sam = cytology
+    cache = str(tmp_path / "cache")
+    opts = ["MODEL.SAM.CHECKPOINT", sam, "DATASETS.TRAIN", "('reference_train',)"]
+    cfg = load_config(
+        "configs/dessam_demo.yaml", opts + ["MODEL.DESSAM.EMBEDDING_CACHE_DIR", cache]
+    )
+    dessam = Trainer.build_model(cfg).eval()
+    torch.manual_seed(0)
+    reference = ReferenceTrainer.build_model(reference_config(cfg)).eval()
+    torch.manual_seed(0)
+    plain = ReferenceTrainer.build_model(
+        reference_config(load_config("configs/dessam_demo.yaml", opts))
+    )
+    plain.eval()
+    inputs = [DESSAMDatasetMapper(cfg, is_train=False)(DatasetCatalog.get("reference_train")[0])]
+    with torch.no_grad():
+        dessam(inputs)
+        assert dessam.embedding_cache.stats()["writes"] == 1
+        images = reference.preprocess_image(inputs)
+        cached = reference.backbone(images.tensor)
+        fresh = plain.backbone(plain.preprocess_image(inputs).tensor)
+    stats = reference.embedding_cache.stats()
+    assert (stats["hits"], stats["misses"], stats["writes"]) == (1, 0, 0)
+    for level in fresh:  # the same features, up to the cache's float16 rounding
+        assert torch.allclose(cached[level], fresh[level], atol=2e-2, rtol=2e-2)

@@ -10,10 +10,11 @@ loaded from the same SAM checkpoint), RPN and box head, same schedule, same seed
 
 import copy
 import os
-from typing import Dict
+from typing import Dict, List, Optional
 
 import numpy as np
-from detectron2.config import CfgNode
+import torch
+from detectron2.config import CfgNode, configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
@@ -21,6 +22,12 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from ..data.image_io import read_image_rgb
 from ..data.transforms import sam_model_input
 from ..engine import Trainer
+from ..modeling.embedding_cache import (
+    EmbeddingCache,
+    cached_encode,
+    encoder_fingerprint,
+    weights_state,
+)
 from ..modeling.sam_weights import read_sam_state_dict
 from ..modeling.settings import DetectorSettings
 
@@ -30,7 +37,50 @@ __all__ = ["reference_config", "ReferenceRCNN", "ReferenceTrainer", "MaskSupervi
 @META_ARCH_REGISTRY.register()
 class ReferenceRCNN(DetectorSettings, GeneralizedRCNN):
     """Detectron2's GeneralizedRCNN with DES-SAM's public settings (``set_score_threshold``,
-    ``set_detections_per_image``)."""
+    ``set_detections_per_image``) and, with MODEL.DESSAM.EMBEDDING_CACHE_DIR set, DES-SAM's
+    embedding cache: the same frozen encoder fed the same images gives the same entries, so the
+    demo's reference reads the embeddings DES-SAM's training stored (``cached_encode``)."""
+
+    @configurable
+    def __init__(self, *, embedding_cache: Optional[EmbeddingCache] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding_cache = embedding_cache
+        self._batch: List[Dict] = []
+        self._fingerprint, self._fingerprint_state = "", None
+        if embedding_cache is not None:
+            net = self.backbone.net
+            if not net.frozen:
+                raise ValueError("the embedding cache needs a frozen SAM encoder")
+            # GeneralizedRCNN calls backbone(images.tensor) right after preprocess_image
+            self.backbone.encode = self._cached_encode
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode):
+        ret = super().from_config(cfg)
+        d = cfg.MODEL.DESSAM
+        if d.EMBEDDING_CACHE_DIR and cfg.MODEL.SAM.FREEZE_ENCODER:
+            ret["embedding_cache"] = EmbeddingCache(
+                d.EMBEDDING_CACHE_DIR, d.EMBEDDING_CACHE_DTYPE, d.EMBEDDING_CACHE_MAX_GB
+            )
+        return ret
+
+    def preprocess_image(self, batched_inputs: List[Dict]):
+        self._batch = batched_inputs
+        return super().preprocess_image(batched_inputs)
+
+    def _cached_encode(self, images: torch.Tensor) -> torch.Tensor:
+        net = self.backbone.net
+        state = weights_state(net.encoder)
+        if state != self._fingerprint_state:  # e.g. the SAM checkpoint was loaded
+            self._fingerprint = encoder_fingerprint(
+                net.encoder, self.pixel_mean, self.pixel_std, net.img_size
+            )
+            self._fingerprint_state = state
+        shape = (net.out_chans, net.embed_size, net.embed_size)
+        return cached_encode(
+            self.embedding_cache, self._batch, images, net.encode, self._fingerprint,
+            net.img_size, shape,
+        )  # fmt: skip
 
 
 def reference_config(cfg: CfgNode) -> CfgNode:
