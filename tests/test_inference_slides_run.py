@@ -90,3 +90,27 @@ def test_a_slide_that_cannot_be_read_is_counted_and_the_others_go_on(slide, tmp_
     assert (again.done, again.skipped, again.counts["tiles predicted"]) == (0, 1, 0)
     with pytest.raises(SlideError):  # one slide alone: its error
         predict_slides(predictor(), [str(broken)], out, progress=False)
+
+
+def test_a_nucleus_on_a_tile_seam_or_corner_comes_out_of_a_slide_once_and_whole(tmp_path):
+    import tifffile
+    from test_inference_tiling import SEAM_CENTRES, SEAM_OVERLAP, SEAM_TILE, seam_image
+
+    image, truth = seam_image()  # box centres on the seams of 128-px tiles overlapping 48 px
+    path = str(tmp_path / "seams.tif")
+    tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="zlib")
+    model_predictor = Predictor(DarkBlobModel(dark=DARK), SEAM_TILE, SEAM_OVERLAP)
+    tiles, background, nuclei = predict_slide(
+        model_predictor, path, str(tmp_path / "out"), detect_tissue=False, progress=False
+    )
+    assert (tiles, background, nuclei) == (9, 0, len(SEAM_CENTRES))
+    expected = sorted(
+        ((s[1].start, s[0].start, s[1].stop, s[0].stop), int((truth[s] == i).sum()))
+        for i, s in enumerate(ndimage.find_objects(truth), start=1)
+    )
+    features = json.load(open(slide_output_paths(str(tmp_path / "out"), path)["geojson"]))
+    found = sorted(
+        (tuple(int(v) for v in shape(f["geometry"]).bounds), int(shape(f["geometry"]).area))
+        for f in features["features"]
+    )
+    assert found == expected  # each nucleus once, whole, at its place in the slide
