@@ -61,7 +61,12 @@ def workspace(tmp_path_factory):
     with torch.no_grad():
         last.weight.mul_(60.0)
         last.bias.mul_(60.0)
-    torch.save({"model": model.state_dict()}, root / "model.pth")
+    # A random box head scores about 0.5: a low threshold saved with the model (as training
+    # saves its fitted one) keeps detections in every run.
+    model.set_fitted_score_threshold(0.05)
+    torch.save(
+        {"model": model.state_dict(), "detector": model.detector_state()}, root / "model.pth"
+    )
     return root
 
 

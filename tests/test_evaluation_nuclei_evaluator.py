@@ -180,8 +180,12 @@ def test_nuclei_evaluator_percentages_and_csv(two_image_dataset, tmp_path):
     # side 48/56 = 6/7, mean 0.8. a.png is perfect. Means over the two images, in percent:
     expected = {"Dice": 100.0, "AJI": 75.0, "AJI+": 80.0, "DQ": 250 / 3, "SQ": 87.5, "PQ": 75.0}
     expected["objDice"] = 90.0
-    assert set(results) == {"nuclei"}
+    assert set(results) == {"nuclei", "boxes"}
     assert results["nuclei"] == pytest.approx({**expected, "num_images": 2}, abs=1e-9)
+    # Boxes at IoU 0.5: a.png's two match; b.png's merged box holds the 24 px nucleus's box
+    # (IoU 24/32) and misses the 8 px one: 3 of 3 detections, 3 of 4 nuclei.
+    boxes = {"precision": 100.0, "recall": 75.0, "F1": 600 / 7, "detections": 3, "nuclei": 4}
+    assert results["boxes"] == pytest.approx(boxes)
 
     csv_path = out_dir / f"nuclei_metrics_{name}.csv"
     assert os.listdir(out_dir) == [csv_path.name]  # no temp file left behind
@@ -189,9 +193,10 @@ def test_nuclei_evaluator_percentages_and_csv(two_image_dataset, tmp_path):
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == CSV_FIELDS
         rows = list(reader)
-    assert [(r["image_id"], r["file_name"], r["num_gt"], r["num_pred"]) for r in rows] == [
-        ("1", "a.png", "2", "2"),
-        ("2", "b.png", "2", "1"),
+    fields = ("image_id", "file_name", "num_gt", "num_pred", "box_tp")
+    assert [tuple(r[k] for k in fields) for r in rows] == [
+        ("1", "a.png", "2", "2", "2"),
+        ("2", "b.png", "2", "1", "1"),
     ]
     per_image = [
         {"Dice": 100.0, "AJI": 100.0, "AJI+": 100.0, "DQ": 100.0, "SQ": 100.0, "PQ": 100.0},

@@ -246,3 +246,23 @@ def test_local_pairwise_differences_pair_the_pixels_its_colour_weights_pair():
             expected = ref_local_pairwise(stripes[None].numpy(), rgb.permute(0, 2, 3, 1).numpy())
             assert expected > 0.7
         assert local == pytest.approx(expected, abs=1e-6), period
+
+
+def test_without_distillation_no_teacher_terms_and_projection_when_asked():
+    size = 32
+    student = torch.randn(2, 1, size, size)
+    images = torch.rand(2, 3, size, size) * 255
+    boxes = torch.tensor([[4.0, 10.0, 12.0, 18.0], [20.0, 2.0, 28.0, 10.0]])
+    ids = torch.tensor([1, 0])
+    crit = DESSAMCriterion(image_size=size, crop_size=8, distill_weight=0.0, projection_weight=2.0)
+    assert not crit.needs_teacher
+    assert crit.loss_names == ("loss_local_pairwise", "loss_global_levelset", "loss_projection")
+    losses = crit(student, None, images, boxes, ids)
+    assert set(losses) == set(crit.loss_names)
+    from dessam_d2.modeling.losses import projection_loss
+
+    assert losses["loss_projection"].item() == pytest.approx(
+        2 * projection_loss(student, boxes, size).item()
+    )
+    default = DESSAMCriterion(image_size=size, crop_size=8)
+    assert default.needs_teacher and default.loss_names == MASK_LOSSES

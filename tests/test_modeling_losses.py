@@ -14,6 +14,7 @@ from dessam_d2.modeling.losses import (
     distillation_loss,
     levelset_energy,
     local_pairwise_loss,
+    projection_loss,
     rgb_to_lab,
     soft_dice_loss,
 )
@@ -192,3 +193,23 @@ def test_losses_match_the_numpy_references_on_random_crops():
         ref_local_pairwise(logits, rgb), rel=1e-2  # OpenCV's Lab differs by up to 0.2
     )
     assert levelset_energy(lg, im).item() == pytest.approx(ref_levelset(logits, rgb), rel=1e-4)
+
+
+def test_projection_loss_zero_for_any_mask_touching_its_box_sides_and_high_outside():
+    size, m = 64, 16  # a 64 px frame at 16 x 16 logits: 4 px a cell
+    boxes = torch.tensor([[8.0, 16.0, 40.0, 32.0]])  # cells x 2..9, y 4..7
+    full = torch.full((1, 1, m, m), -20.0)
+    full[..., 4:8, 2:10] = 20.0
+    assert projection_loss(full, boxes, size).item() == pytest.approx(0.0, abs=1e-6)
+    cross = torch.full((1, 1, m, m), -20.0)  # a plus sign touching all four sides
+    cross[..., 5, 2:10] = 20.0
+    cross[..., 4:8, 6] = 20.0
+    assert projection_loss(cross, boxes, size).item() == pytest.approx(0.0, abs=1e-6)
+    outside = torch.full((1, 1, m, m), -20.0)
+    outside[..., 10:14, 11:15] = 20.0  # same size, elsewhere: both projections disjoint
+    assert projection_loss(outside, boxes, size).item() > 1.5
+    # By hand: a mask covering half the box's width costs 1 - Dice(x) = 1 - 2*4/(4+8) on x.
+    half = torch.full((1, 1, m, m), -20.0)
+    half[..., 4:8, 2:6] = 20.0
+    expected = 1 - (2 * 4 + 1) / (4 + 8 + 1)  # soft Dice with eps 1
+    assert projection_loss(half, boxes, size).item() == pytest.approx(expected, abs=1e-5)

@@ -347,3 +347,140 @@ def test_trainable_decoder_and_token_stats(cfg):
     head.learnable_tokens.grad = torch.zeros_like(head.learnable_tokens)
     head.learnable_tokens.grad[0, 0] = 2.0
     assert model.token_stats()["grad_norm"] == 2.0
+
+
+# ------------------------------------------------- the embedding cache is never served stale
+
+
+def cached(tmp_path, seed=0, **overrides):
+    """A tiny DESSAM (eval) with the embedding cache on in ``tmp_path``/cache: two models built
+    with one seed hold the same weights, so they share entries."""
+    cfg = tiny_cfg(**{"MODEL.DESSAM.EMBEDDING_CACHE_DIR": str(tmp_path / "cache"), **overrides})
+    return build(cfg, seed).eval()
+
+
+def cache_input(flip=False):
+    """A 96 x 128 image as the mapper hands it to a 256-px model (``flip``: mirrored, as a
+    training flip does)."""
+    from detectron2.data import transforms as T
+
+    from dessam_d2.data.transforms import sam_model_input
+
+    rgb = synthetic_input(0, size=(96, 128), boxes=((20, 30, 60, 70),))["image"]
+    flips = T.AugmentationList([T.RandomFlip(prob=1.0, horizontal=True)]) if flip else None
+    return sam_model_input(rgb.permute(1, 2, 0).numpy(), 256, augmentations=flips)[0]
+
+
+def lookup(model, inp):
+    """The embedding of one input as inference computes it, and what the cache did: "hit", or
+    "miss" (a new entry computed and written, none damaged or overwritten); else the change of
+    (hits, misses, writes, bad entries, entries on disk)."""
+    c = model.embedding_cache
+
+    def counts():
+        return c.hits, c.misses, c.writes, c.bad_entries, c.stats()["entries"]
+
+    before = counts()
+    images, _ = model.preprocess_image([inp])
+    with torch.no_grad():
+        emb = model.image_embeddings(images, [inp], model.inference_dtype())[0]
+    delta = tuple(a - b for a, b in zip(counts(), before))
+    return emb, {(1, 0, 0, 0, 0): "hit", (0, 1, 1, 0, 1): "miss"}.get(delta, delta)
+
+
+def test_embedding_cache_unchanged_model_and_image_is_a_hit_with_the_identical_tensor(tmp_path):
+    inp = cache_input()
+    assert inp["sam_transform"] == "longest256" and inp["image"].shape == (3, 192, 256)
+    model = cached(tmp_path)
+    first, outcome = lookup(model, inp)
+    assert outcome == "miss"
+    assert torch.equal(first, model.encode(model.preprocess_image([inp])[0].tensor)[0].half())
+    again, outcome = lookup(model, dict(inp, image=inp["image"].clone()))
+    assert outcome == "hit" and torch.equal(again, first)
+    other, outcome = lookup(cached(tmp_path), inp)  # another model with the same weights
+    assert outcome == "hit" and torch.equal(other, first)
+
+
+def test_embedding_cache_misses_after_the_encoder_weights_change(tmp_path):
+    model, inp = cached(tmp_path), cache_input()
+    encoder = model.image_encoder.encoder
+    original = copy.deepcopy(encoder.state_dict())
+    first, _ = lookup(model, inp)
+    with torch.no_grad():  # in place: the tensor and its storage stay the same
+        encoder.blocks[0].mlp.lin1.weight.mul_(1.5)
+    changed, outcome = lookup(model, inp)
+    assert outcome == "miss" and not torch.equal(changed, first)
+    encoder.load_state_dict(cached(tmp_path / "other", seed=1).image_encoder.encoder.state_dict())
+    loaded, outcome = lookup(model, inp)  # other weights loaded (copied into the same tensors)
+    assert outcome == "miss" and not torch.equal(loaded, first) and not torch.equal(loaded, changed)
+    encoder.load_state_dict(original)  # the key is the weights' content, not their history
+    back, outcome = lookup(model, inp)
+    assert outcome == "hit" and torch.equal(back, first)
+
+
+@pytest.mark.parametrize("name", ["PIXEL_MEAN", "PIXEL_STD"])
+def test_embedding_cache_misses_for_another_normalisation_alone(tmp_path, name):
+    from dessam_d2.utils.hashing import module_fingerprint
+
+    inp, model = cache_input(), cached(tmp_path)
+    first, _ = lookup(model, inp)
+    values = list(getattr(tiny_cfg().MODEL, name))
+    values[1] += 5.0  # one channel
+    other = cached(tmp_path, **{f"MODEL.{name}": values})
+    assert module_fingerprint(other.image_encoder.encoder) == module_fingerprint(
+        model.image_encoder.encoder
+    )  # the same weights: only the normalisation differs
+    renormalised, outcome = lookup(other, inp)
+    assert outcome == "miss" and not torch.equal(renormalised, first)
+    buffer = getattr(model, name.lower())
+    with torch.no_grad():  # the same change, in place, on the first model: the same key
+        buffer[1] += 5.0
+    changed, outcome = lookup(model, inp)
+    assert outcome == "hit" and torch.equal(changed, renormalised)
+
+
+def test_embedding_cache_misses_for_another_sam_image_size(tmp_path):
+    inp = cache_input()  # 192 x 256: fits either model
+    first, _ = lookup(cached(tmp_path), inp)
+    larger = cached(tmp_path, **{"MODEL.SAM.IMAGE_SIZE": 512})
+    other, outcome = lookup(larger, inp)
+    assert outcome == "miss" and first.shape == (256, 16, 16) and other.shape == (256, 32, 32)
+
+
+def test_embedding_cache_misses_for_another_encoder_dtype(tmp_path):
+    model, inp = cached(tmp_path), cache_input()
+    first, _ = lookup(model, inp)
+    model.set_inference_dtype("bfloat16")
+    assert model.inference_dtype() == torch.bfloat16
+    bf16, outcome = lookup(model, inp)
+    assert outcome == "miss" and not torch.equal(bf16, first)
+    assert (bf16 - first).abs().max() < 0.1 * first.abs().max()  # the same image, though
+    model.set_inference_dtype("float32")
+    again, outcome = lookup(model, inp)
+    assert outcome == "hit" and torch.equal(again, first)
+
+
+def test_embedding_cache_misses_for_another_storage_dtype(tmp_path):
+    inp = cache_input()
+    first, _ = lookup(cached(tmp_path), inp)  # float16, the default
+    model = cached(tmp_path, **{"MODEL.DESSAM.EMBEDDING_CACHE_DTYPE": "float32"})
+    exact, outcome = lookup(model, inp)
+    assert outcome == "miss"  # its own entry: the float16 one is neither read nor overwritten
+    assert torch.equal(exact, model.encode(model.preprocess_image([inp])[0].tensor)[0])
+    assert not torch.equal(exact, first) and torch.equal(exact.half().float(), first)
+    again, outcome = lookup(cached(tmp_path), inp)
+    assert outcome == "hit" and torch.equal(again, first)
+
+
+def test_embedding_cache_misses_for_a_flipped_image(tmp_path):
+    model, inp, flipped = cached(tmp_path), cache_input(), cache_input(flip=True)
+    assert flipped["sam_transform"] == "longest256+hflip"
+    assert torch.equal(flipped["image"], inp["image"].flip(-1))
+    first, _ = lookup(model, inp)
+    mirrored, outcome = lookup(model, flipped)
+    assert outcome == "miss" and not torch.equal(mirrored, first)
+    # either difference alone is a new entry: the transform's name, the pixels
+    same_pixels, outcome = lookup(model, dict(inp, sam_transform="longest256+hflip"))
+    assert outcome == "miss" and torch.equal(same_pixels, first)
+    same_name, outcome = lookup(model, dict(flipped, sam_transform="longest256"))
+    assert outcome == "miss" and torch.equal(same_name, mirrored)

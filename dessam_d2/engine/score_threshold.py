@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
-from detectron2.structures import BoxMode
 
 from ..data.mapper import DESSAMDatasetMapper
-from ..evaluation.boxes import match_boxes
+from ..evaluation.boxes import match_boxes, true_boxes
 from ..utils.io import atomic_write_text
 
 __all__ = ["ThresholdFit", "fit_score_threshold", "best_f1_threshold", "report_fit"]
@@ -82,15 +81,6 @@ def best_f1_threshold(
     return ThresholdFit(threshold, *best, float(fixed), fixed_p, fixed_r, 0, int(num_gt))
 
 
-def _true_boxes(record: Dict) -> torch.Tensor:
-    boxes = [
-        BoxMode.convert(a["bbox"], a.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS)
-        for a in record.get("annotations", [])
-        if a.get("iscrowd", 0) == 0
-    ]
-    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-
-
 def training_records(cfg: CfgNode) -> List[Dict]:
     """The training images the fit uses: all, or a fixed random subset of
     TEST.SCORE_THRESH_AUTO_MAX_IMAGES of them."""
@@ -118,7 +108,7 @@ def fit_score_threshold(
     try:
         for record in records:
             inst = model([mapper(record)])[0]["instances"].to("cpu")
-            gt = _true_boxes(record)
+            gt = true_boxes(record)
             tp, n = match_boxes(inst.pred_boxes.tensor, inst.scores, gt, iou_threshold=0.5)
             scores.append(inst.scores.numpy())
             matched.append(np.asarray(tp, dtype=bool))

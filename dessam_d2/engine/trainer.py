@@ -300,10 +300,7 @@ class Trainer(DefaultTrainer):
             d2.model, d2.save_dir, save_to_disk=d2.save_to_disk, **d2.checkpointables
         )
         self.score_threshold_hook = ScoreThresholdHook(self.cfg)
-        hooks = [ReseedHook()] + self.model_hooks()
-        import importlib.util  # TEMPORARY until evaluation.boxes lands
-
-        if importlib.util.find_spec("dessam_d2.evaluation.boxes"):
-            hooks.append(self.score_threshold_hook)
+        # The threshold is fitted at the last step, before the final evaluation and checkpoint.
+        hooks = [ReseedHook()] + self.model_hooks() + [self.score_threshold_hook]
         hooks += super().build_hooks()
         return hooks + [ModelFingerprintHook(), LossLogHook(self.cfg.OUTPUT_DIR)]

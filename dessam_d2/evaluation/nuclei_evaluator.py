@@ -15,6 +15,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
 from ..utils.io import atomic_open
+from .boxes import BOX_IOU, box_scores, match_boxes, true_boxes
 from .metrics import METRIC_NAMES, masks_to_label_map, mean_metrics, nuclei_metrics
 from .release_protocol import RELEASE_MIN_AREA, relabel_components, release_label_map
 
@@ -28,7 +29,8 @@ __all__ = [
 
 OBJECT_DICE = "objDice"  # object-level Dice (metrics.object_dice); "Dice" is the pixel Dice
 SCORES = METRIC_NAMES + (OBJECT_DICE,)
-CSV_FIELDS = ("image_id", "file_name", "num_gt", "num_pred") + SCORES
+# box_tp: detections matched to a true box at IoU 0.5 (evaluation.boxes), for box precision/recall
+CSV_FIELDS = ("image_id", "file_name", "num_gt", "num_pred", "box_tp") + SCORES
 RELEASE_PREFIX = "release_"  # CSV columns of the release's protocol: release_Dice, ...
 RELEASE_FIELDS = tuple(RELEASE_PREFIX + name for name in SCORES)
 
@@ -83,10 +85,13 @@ class NucleiEvaluator(DatasetEvaluator):
     :func:`~dessam_d2.evaluation.metrics.masks_to_label_map` (higher score wins).
 
     ``evaluate()`` returns ``{"nuclei": {"Dice", "AJI", "AJI+", "DQ", "SQ", "PQ", "objDice": mean
-    over images in percent, "num_images": n}}`` and, with an ``output_dir``, writes one row per
-    image (same percent units; ``num_gt`` = non-crowd annotations, ``num_pred`` = predicted
-    instances) to ``<output_dir>/nuclei_metrics_<dataset_name>.csv``. "Dice" is the pixel Dice of
-    the foregrounds (HoVer-Net's Dice1), "objDice" the object-level Dice.
+    over images in percent, "num_images": n}, "boxes": {"precision", "recall", "F1" (percent,
+    pooled over the images: detections matched to a true box at IoU 0.5 over all detections /
+    all true boxes, :mod:`~dessam_d2.evaluation.boxes`), "detections", "nuclei"}}`` and, with
+    an ``output_dir``, writes one row per image (same percent units; ``num_gt`` = non-crowd
+    annotations, ``num_pred`` = predicted instances, ``box_tp`` = detections matched) to
+    ``<output_dir>/nuclei_metrics_<dataset_name>.csv``. "Dice" is the pixel Dice of the
+    foregrounds (HoVer-Net's Dice1), "objDice" the object-level Dice.
 
     ``release_protocol=True`` also scores every image as the authors' release does
     (:mod:`~dessam_d2.evaluation.release_protocol`: holes and islands under ``min_area`` px
@@ -151,6 +156,7 @@ class NucleiEvaluator(DatasetEvaluator):
             "file_name": os.path.basename(record.get("file_name", "")),
             "num_gt": sum(1 for a in annotations if not a.get("iscrowd", 0)),
             "num_pred": len(instances),
+            "box_tp": _matched(instances, record),
         }
         row.update(_percent(gt, pred))
         if self._release:
@@ -174,13 +180,19 @@ class NucleiEvaluator(DatasetEvaluator):
         if self._output_dir:
             self._write_csv(rows)
         results = {"nuclei": {**mean_metrics(rows, SCORES), "num_images": len(rows)}}
+        results["boxes"] = box_scores(rows)
         if self._release:
             means = mean_metrics(rows, RELEASE_FIELDS)
             results["nuclei_release"] = {
                 **{k[len(RELEASE_PREFIX) :]: v for k, v in means.items()},
                 "num_images": len(rows),
             }
-        for task, what in (("nuclei", "as predicted"), ("nuclei_release", "release protocol")):
+        tasks = (
+            ("nuclei", "as predicted"),
+            ("nuclei_release", "release protocol"),
+            ("boxes", f"box precision / recall at IoU {BOX_IOU}"),
+        )
+        for task, what in tasks:
             if task in results:
                 self._logger.info(
                     f"Nuclei metrics (%) on {self._dataset_name}, {what}:\n"
@@ -204,6 +216,14 @@ class NucleiEvaluator(DatasetEvaluator):
             writer.writeheader()
             writer.writerows(rows)
         self._logger.info(f"Per-image nuclei metrics saved to {path}")
+
+
+def _matched(instances: Any, record: Dict[str, Any]) -> int:
+    if not instances.has("pred_boxes") or len(instances) == 0:
+        return 0
+    boxes = instances.pred_boxes.tensor
+    is_tp, _ = match_boxes(boxes, instances.scores, true_boxes(record), iou_threshold=BOX_IOU)
+    return int(is_tp.sum())
 
 
 def _percent(gt: np.ndarray, pred: np.ndarray) -> Dict[str, float]:

@@ -15,9 +15,14 @@ ground-truth box). This module turns them into the loss terms:
   differences of L_lp are taken between the same pixel pairs as its colour weights (the release
   crops the mask at the proposal and takes the differences at dilation 1 against weights at
   dilation 2; docs/METHOD.md says why we do not).
+
+Two options change the set of terms (``loss_names``): with ``distill_weight`` 0 there is no
+L_distill and the head runs no teacher; with ``projection_weight`` > 0 BoxInst's box-projection
+term (``loss_projection``, on the whole frame against the ground-truth box) is added, what a
+box-supervised model trained without a teacher needs to keep its masks in their boxes.
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torchvision.ops import roi_align
@@ -30,6 +35,7 @@ from .losses import (
     distillation_loss,
     levelset_energy,
     local_pairwise_loss,
+    projection_loss,
     rgb_to_lab,
 )
 
@@ -60,6 +66,7 @@ class DESSAMCriterion:
         pairwise_dilation: int = 2,
         pairwise_color_thresh: float = 0.3,
         crop_size: int = 72,
+        projection_weight: float = 0.0,
     ):
         if pairwise_loss not in ("boxsnake", "boxinst"):
             raise ConfigError(f"MODEL.DESSAM.PAIRWISE_LOSS={pairwise_loss!r}: boxsnake or boxinst")
@@ -78,6 +85,19 @@ class DESSAMCriterion:
         self.dilation = pairwise_dilation
         self.color_thresh = pairwise_color_thresh
         self.crop_size = crop_size
+        self.w_projection = projection_weight
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether L_distill is on (and so the teacher's masks are needed)."""
+        return self.w_bce != 0 or self.w_dice != 0
+
+    @property
+    def loss_names(self):
+        """The keys ``__call__`` returns: MASK_LOSSES without L_distill's when it is off, with
+        ``loss_projection`` when that is on."""
+        names = [k for k in MASK_LOSSES if self.needs_teacher or "distill" not in k]
+        return tuple(names + (["loss_projection"] if self.w_projection else []))
 
     def edge_crops(
         self,
@@ -102,14 +122,21 @@ class DESSAMCriterion:
     def __call__(
         self,
         student: torch.Tensor,
-        teacher: torch.Tensor,
+        teacher: Optional[torch.Tensor],
         images: torch.Tensor,
         boxes: torch.Tensor,
         image_ids: torch.Tensor,
     ) -> Dict[str, torch.Tensor]:
-        """The weighted terms of MASK_LOSSES for R RoIs (student and teacher R x 1 x m x m)."""
-        bce, dice = distillation_loss(student, teacher, self.distill_reduction)
-        losses = {"loss_distill_bce": self.w_bce * bce, "loss_distill_dice": self.w_dice * dice}
+        """The weighted terms of ``loss_names`` for R RoIs (student and teacher R x 1 x m x m;
+        the teacher may be None when L_distill is off)."""
+        losses = {}
+        if self.needs_teacher:
+            bce, dice = distillation_loss(student, teacher, self.distill_reduction)
+            losses = {"loss_distill_bce": self.w_bce * bce, "loss_distill_dice": self.w_dice * dice}
+        if self.w_projection:
+            losses["loss_projection"] = self.w_projection * projection_loss(
+                student, boxes, self.image_size
+            )
         crop_logits, crop_rgb = self.edge_crops(student, images, boxes, image_ids)
         sim = color_similarity(rgb_to_lab(crop_rgb), self.size, self.dilation)
         if self.pairwise_loss == "boxsnake":

@@ -125,6 +125,31 @@ def boxinst_pairwise_loss(
     return -(log_same[:, 0] * edges).sum() / edges.sum().clamp_min(1.0)
 
 
+def box_masks(boxes: torch.Tensor, size: int, image_size: int) -> torch.Tensor:
+    """R x 1 x size x size masks of XYXY ``boxes`` (input pixels of an ``image_size`` frame):
+    1 where a cell's centre lies in the box."""
+    centres = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) + 0.5) * (
+        image_size / size
+    )
+    x1, y1, x2, y2 = (boxes[:, k, None] for k in range(4))
+    in_x = (centres >= x1) & (centres < x2)  # R x size
+    in_y = (centres >= y1) & (centres < y2)
+    return (in_y[:, :, None] & in_x[:, None, :]).unsqueeze(1)
+
+
+def projection_loss(logits: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:
+    """BoxInst's box-projection term: Dice loss of the mask's max-projections onto the x and y
+    axes against the box's, averaged over the N instances. ``logits`` N x 1 x m x m over the
+    whole ``image_size`` frame, ``boxes`` N x 4 XYXY in its pixels. A mask that fills its box
+    (or any shape touching all four sides) costs 0; it does not say which pixels inside."""
+    p = logits.sigmoid()
+    target = box_masks(boxes, logits.shape[-1], image_size).to(p.dtype)
+    losses = soft_dice_losses(p.amax(-2), target.amax(-2)) + soft_dice_losses(
+        p.amax(-1), target.amax(-1)
+    )
+    return losses.mean()
+
+
 def levelset_energy(logits: torch.Tensor, image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """L_gp: Chan-Vese region energy of the soft mask against the crop's intensities
     (BoxLevelSet), averaged over the N instances.

@@ -277,8 +277,9 @@ class DESSAM(DetectorSettings, nn.Module):
 
     def encoder_fingerprint(self) -> str:
         """Hash of the encoder's weights and of the preprocessing in front of it; recomputed
-        only when the weights changed (e.g. a checkpoint was loaded) since the last call."""
-        state = weights_state(self.image_encoder.encoder)
+        only when the weights or the normalisation changed (e.g. a checkpoint was loaded)."""
+        norm = tuple((t.data_ptr(), t._version) for t in (self.pixel_mean, self.pixel_std))
+        state = (weights_state(self.image_encoder.encoder), norm, self.image_size)
         if state != self._fingerprint_state:
             t = time.perf_counter()
             self._fingerprint = encoder_fingerprint(

@@ -19,7 +19,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..errors import ConfigError
-from .criterion import MASK_LOSSES, DESSAMCriterion
+from .criterion import DESSAMCriterion
 from .fast_decoder import SharedImageDecoder, fast_path_mismatch
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,7 @@ class SAMPromptMaskHead(nn.Module):
             pairwise_dilation=d.PAIRWISE_DILATION,
             pairwise_color_thresh=d.PAIRWISE_COLOR_THRESH,
             crop_size=d.EDGE_CROP_SIZE,
+            projection_weight=d.LOSS_PROJECTION_WEIGHT,
         )
         return {
             "prompt_encoder": prompt_encoder,
@@ -311,17 +312,18 @@ class SAMPromptMaskHead(nn.Module):
             if len(inst) == 0:
                 continue
             gt = inst.gt_boxes.tensor
-            # One teacher run per ground-truth nucleus, shared by all its positive RoIs.
-            uniq, inverse = torch.unique(gt, dim=0, return_inverse=True)
-            with torch.no_grad(), record_function("dessam/teacher"):
-                teacher = self.decode(emb[None], uniq, student=False)
+            if self.criterion.needs_teacher:
+                # One teacher run per ground-truth nucleus, shared by all its positive RoIs.
+                uniq, inverse = torch.unique(gt, dim=0, return_inverse=True)
+                with torch.no_grad(), record_function("dessam/teacher"):
+                    teacher = self.decode(emb[None], uniq, student=False)
+                teacher_logits.append(teacher[inverse])
+                prompts["teacher"] += len(uniq)
             pred = inst.proposal_boxes.tensor.detach().clamp(0, self.image_size)
             with record_function("dessam/student"):
                 student_logits.append(self.decode(emb[None], pred, student=True))
-            teacher_logits.append(teacher[inverse])
             gt_boxes.append(gt)
             image_ids.append(torch.full((len(inst),), i, device=gt.device))
-            prompts["teacher"] += len(uniq)
             prompts["student"] += len(pred)
         try:  # how many prompts each decoder ran this step (metrics.json, benchmarks/phases.py)
             get_event_storage().put_scalars(
@@ -333,10 +335,10 @@ class SAMPromptMaskHead(nn.Module):
             # No positive RoI in the batch: zero losses that still reach every trainable
             # parameter, so data-parallel training sees the same graph on every rank.
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-            return {k: zero for k in MASK_LOSSES}
+            return {k: zero for k in self.criterion.loss_names}
         return self.criterion(
             torch.cat(student_logits),  # R x 1 x m x m
-            torch.cat(teacher_logits),
+            torch.cat(teacher_logits) if teacher_logits else None,
             images,
             torch.cat(gt_boxes),
             torch.cat(image_ids),
