@@ -161,6 +161,10 @@ def add_dessam_config(cfg: CN) -> None:
     # With EPOCHS > 0: checkpoint every N epochs, evaluate every N epochs (0 = only at the end).
     _C.SOLVER.CHECKPOINT_EPOCHS = 5
     _C.TEST.EVAL_EPOCHS = 0
+    # With EPOCHS > 0: at least this many iterations. On a small set (a lab's few images) the
+    # epochs, step epochs, checkpoint and eval epochs are all multiplied by the smallest whole
+    # number that reaches it, so the schedule keeps its shape (0 = off; the paper configs).
+    _C.SOLVER.MIN_ITER = 0
 
     # Evaluation protocol (per test set)
     # Box score threshold of each DATASETS.TEST entry, in the same order (the release scores the
@@ -224,10 +228,16 @@ def num_training_images(cfg: CfgNode) -> int:
 
 
 def apply_epoch_schedule(cfg: CfgNode, num_images: int) -> None:
-    """SOLVER.EPOCHS (the paper's unit) -> MAX_ITER, STEPS, checkpoint and eval periods."""
+    """SOLVER.EPOCHS (the paper's unit) -> MAX_ITER, STEPS, checkpoint and eval periods; on a
+    set too small for SOLVER.MIN_ITER, every epoch figure is multiplied by the same factor."""
     if cfg.SOLVER.EPOCHS <= 0:
         return
     iters_per_epoch = max(1, math.ceil(num_images / cfg.SOLVER.IMS_PER_BATCH))
+    k = max(1, math.ceil(cfg.SOLVER.get("MIN_ITER", 0) / (cfg.SOLVER.EPOCHS * iters_per_epoch)))
+    cfg.SOLVER.EPOCHS *= k
+    cfg.SOLVER.STEP_EPOCHS = [e * k for e in cfg.SOLVER.STEP_EPOCHS]
+    cfg.SOLVER.CHECKPOINT_EPOCHS *= k
+    cfg.TEST.EVAL_EPOCHS *= k
     cfg.SOLVER.MAX_ITER = cfg.SOLVER.EPOCHS * iters_per_epoch
     cfg.SOLVER.STEPS = tuple(
         e * iters_per_epoch for e in cfg.SOLVER.STEP_EPOCHS if e < cfg.SOLVER.EPOCHS

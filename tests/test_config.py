@@ -73,6 +73,17 @@ def test_epochs_become_iterations():
     assert cfg.SOLVER.CHECKPOINT_PERIOD == 5 * 101
 
 
+def test_a_small_set_keeps_the_schedules_shape_up_to_min_iter():
+    cfg = load_config("configs/dessam_clusterseg.yaml", ["SOLVER.MIN_ITER", 1000])
+    apply_epoch_schedule(cfg, num_images=8)  # 8 iterations an epoch: 50 epochs are 400
+    assert cfg.SOLVER.MAX_ITER == 150 * 8  # x3: the smallest whole factor reaching 1000
+    assert cfg.SOLVER.STEPS == (90 * 8, 108 * 8)
+    assert cfg.SOLVER.CHECKPOINT_PERIOD == 15 * 8
+    big = load_config("configs/dessam_clusterseg.yaml", ["SOLVER.MIN_ITER", 1000])
+    apply_epoch_schedule(big, num_images=101)  # already above: unchanged
+    assert big.SOLVER.MAX_ITER == 50 * 101
+
+
 def test_unknown_key_and_missing_file_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="MODEL.NO_SUCH_KEY"):
         load_config("configs/dessam_demo.yaml", ["MODEL.NO_SUCH_KEY", "1"])
@@ -114,6 +125,7 @@ DEMO_SIZE_AND_SCHEDULE = (
     "SOLVER.STEP_EPOCHS",
     "SOLVER.WARMUP_ITERS",
     "SOLVER.CHECKPOINT_EPOCHS",
+    "SOLVER.MIN_ITER",
     "SEED",
     "OUTPUT_DIR",
 )

@@ -146,7 +146,7 @@ def _train(trainer_class, cfg, progress: Progress, what: str):
     progress(f"[demo] training {what} for {cfg.SOLVER.MAX_ITER} iterations on the CPU")
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     torch.manual_seed(cfg.SEED)
-    trainer = trainer_class(cfg)
+    trainer = trainer_class(without_test_sets(cfg))  # the rows are evaluated afterwards, once
     trainer.resume_or_load(resume=False)
     trainer.train()
     fit = trainer.score_threshold_hook.fit
@@ -254,6 +254,16 @@ def run_demo(
         thresholds=thresholds,
         anchors=anchors,
     )
+
+
+def without_test_sets(cfg):
+    """``cfg`` with no DATASETS.TEST: training ends without Detectron2's final evaluation."""
+    out = cfg.clone()
+    out.defrost()
+    out.DATASETS.TEST = ()
+    out.DATASETS.TEST_SCORE_THRESH = ()
+    out.freeze()
+    return out
 
 
 def _variant(cfg, folder: str, opts: List):

@@ -18,7 +18,7 @@ from ..config import load_config
 from ..engine import Trainer
 from ..engine.anchors import fit_anchors_to_training_boxes
 from ..utils.io import atomic_write_text
-from .demo import ensure_synthetic_data
+from .demo import ensure_synthetic_data, without_test_sets
 from .demo_rows import test_on
 
 __all__ = ["schedule_of", "run_curve", "curve_picture", "curve_table"]
@@ -48,7 +48,7 @@ def _one_length(cfg_file: str, opts: Sequence, length: int, output: str) -> Dict
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     torch.manual_seed(cfg.SEED)
-    trainer = Trainer(cfg)
+    trainer = Trainer(without_test_sets(cfg))  # evaluated below, once
     trainer.resume_or_load(resume=False)
     trainer.train()
     fit = trainer.score_threshold_hook.fit
