@@ -12,6 +12,7 @@ setup(
     install_requires=[
         "numpy",
         "scipy",
+        "scikit-image",
         "segment-anything",
         "pycocotools",
         "opencv-python-headless",

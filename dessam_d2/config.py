@@ -134,7 +134,9 @@ def add_dessam_config(cfg: CN) -> None:
     _C.INPUT.RANDOM_FLIP = "none"
     # HED stain jitter of training images (Tellez et al. 2018; image only, boxes unchanged):
     # off in the paper and the release. STAIN_AUGMENT_SIGMA / _BIAS: each of the H, E, D
-    # channels becomes alpha * c + beta, alpha ~ U(1 - sigma, 1 + sigma), beta ~ U(-bias, bias).
+    # channels becomes alpha * c + beta * m, alpha ~ U(1 - sigma, 1 + sigma), beta ~ U(-bias,
+    # bias), m the channel's largest value in the image (data/transforms.py HEDJitter). The image
+    # changes every epoch: leave MODEL.DESSAM.EMBEDDING_CACHE_DIR empty with it.
     _C.INPUT.STAIN_AUGMENT = False
     _C.INPUT.STAIN_AUGMENT_SIGMA = 0.05
     _C.INPUT.STAIN_AUGMENT_BIAS = 0.05

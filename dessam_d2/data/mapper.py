@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 
 from ..errors import ConfigError
 from .image_io import read_image_rgb
-from .transforms import IMAGE_FORMATS, RANDOM_FLIPS, flip_augmentations, sam_model_input
+from .transforms import IMAGE_FORMATS, RANDOM_FLIPS, sam_model_input, training_augmentations
 
 __all__ = ["DESSAMDatasetMapper"]
 
@@ -44,6 +44,9 @@ class DESSAMDatasetMapper:
         image_size: int = 1024,
         image_format: str = "RGB",
         random_flip: str = "none",
+        stain_augment: bool = False,
+        stain_sigma: float = 0.05,
+        stain_bias: float = 0.05,
     ):
         if image_format not in IMAGE_FORMATS:
             raise ConfigError(f"image_format must be one of {IMAGE_FORMATS}, got '{image_format}'")
@@ -57,8 +60,9 @@ class DESSAMDatasetMapper:
         self.image_size = int(image_size)
         self.image_format = image_format
         self.random_flip = random_flip
-        # flips are augmentation: training only
-        self.augmentations = T.AugmentationList(flip_augmentations(random_flip) if is_train else [])
+        # flips and stain jitter are augmentation: training only
+        augmentations = training_augmentations(random_flip, stain_augment, stain_sigma, stain_bias)
+        self.augmentations = T.AugmentationList(augmentations if is_train else [])
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict:
@@ -67,6 +71,9 @@ class DESSAMDatasetMapper:
             "image_size": cfg.MODEL.SAM.IMAGE_SIZE,
             "image_format": cfg.INPUT.FORMAT,
             "random_flip": cfg.INPUT.RANDOM_FLIP,
+            "stain_augment": cfg.INPUT.get("STAIN_AUGMENT", False),
+            "stain_sigma": cfg.INPUT.get("STAIN_AUGMENT_SIGMA", 0.05),
+            "stain_bias": cfg.INPUT.get("STAIN_AUGMENT_BIAS", 0.05),
         }
 
     def _boxes(self, annotations: List[Dict]) -> np.ndarray:
