@@ -109,8 +109,9 @@ def sam_model_input(
 
     ``image`` is H x W x 3 uint8 RGB. Returns ``({"image": 3 x h x w uint8 tensor, longest side
     image_size, in ``image_format``; "height": H, "width": W; "sam_transform": e.g.
-    "longest1024+hflip", "+hed" after a stain jitter}, boxes)`` where ``boxes`` (N x 4 XYXY in the original image, optional)
-    come back in the model's input frame, through the same resize and flips as the image.
+    "longest1024+hflip", "+hed" after a stain jitter}, boxes)`` where ``boxes`` (N x 4 XYXY in
+    the original image, optional) come back in the model's input frame, through the same resize
+    and flips as the image.
     """
     height, width = image.shape[:2]
     new_h, new_w = ResizeLongestSide.get_preprocess_shape(height, width, image_size)
