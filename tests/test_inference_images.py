@@ -10,7 +10,7 @@ from test_inference_predictor import ThresholdModel, disc_image
 
 from dessam_d2.inference.images import predict_images
 from dessam_d2.inference.inputs import collect_images
-from dessam_d2.inference.outputs import output_paths
+from dessam_d2.inference.outputs import RunSummary, output_paths
 from dessam_d2.inference.predictor import Predictor
 
 
@@ -71,3 +71,26 @@ def test_each_process_predicts_its_share_and_process_0_writes_the_coco_results(t
     assert names == sorted(p.name for p in two.iterdir()) and len(names) == 3 * 4 + 2
     for name in names:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_images_with_no_detection_are_counted_and_warned_about_across_processes(tmp_path):
+    img, _ = disc_image()
+    paths = [str(tmp_path / "nuclei.png"), str(tmp_path / "blank.png")]
+    cv2.imwrite(paths[0], img[..., ::-1])
+    cv2.imwrite(paths[1], np.full_like(img, 220))  # nothing dark: no nucleus
+    one = predict_images(Predictor(ThresholdModel(), 64, 24), paths, str(tmp_path / "a"))
+    assert one.counts == {"nuclei found": 5, "images with no detection": 1}
+    rows = dict(line.rsplit(None, 1) for line in one.table().splitlines()[1:-1])
+    assert rows["images with no detection"] == "1"
+    assert one.empty_warning().startswith("WARNING: 1 of 2 predicted images have no detection")
+    kw = dict(progress=False, world_size=2)
+    parts = [
+        predict_images(
+            Predictor(ThresholdModel(), 64, 24), paths, str(tmp_path / "b"), rank=r, **kw
+        )
+        for r in (1, 0)
+    ]
+    merged = RunSummary.of_all(parts, order=paths)
+    assert merged.counts == one.counts and merged.done == 2
+    full = predict_images(Predictor(ThresholdModel(), 64, 24), paths[:1], str(tmp_path / "c"))
+    assert full.counts["images with no detection"] == 0 and full.empty_warning() == ""

@@ -82,6 +82,8 @@ def report(summary, output: str) -> None:
     print(summary.table())
     for message in summary.failed.values():
         print(f"failed: {message}")
+    if summary.empty_warning():
+        print(summary.empty_warning(), file=sys.stderr)
     print(f"outputs in {output}")
 
 

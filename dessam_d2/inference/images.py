@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from ..data.image_io import read_image_rgb
 from ..errors import ImageReadError
-from .outputs import NUCLEI, RunSummary, output_paths, write_coco_results, write_outputs
+from .outputs import EMPTY, NUCLEI, RunSummary, output_paths, write_coco_results, write_outputs
 from .peers import watching
 from .predictor import Predictor
 
@@ -35,7 +35,7 @@ def predict_images(
     returns the summary of all. ``output_dir`` must then be one folder for all (shared between
     machines). A process that fails stops the others, with its error (``peers``)."""
     os.makedirs(output_dir, exist_ok=True)
-    summary = RunSummary("images", counts={NUCLEI: 0})
+    summary = RunSummary("images", counts={NUCLEI: 0, EMPTY: 0})
     start = time.perf_counter()
     mine = list(image_paths)[rank::world_size]
     with watching(rank, world_size) as watch:  # a process that fails stops the others
@@ -52,7 +52,9 @@ def predict_images(
                 summary.failed[path] = str(e)
                 logger.warning(str(e))
                 continue
-            summary.add(NUCLEI, write_outputs(image, predictor(image), paths))
+            found = write_outputs(image, predictor(image), paths)
+            summary.add(NUCLEI, found)
+            summary.add(EMPTY, int(found == 0))
             summary.done += 1
     summary.seconds = time.perf_counter() - start
     if world_size > 1:

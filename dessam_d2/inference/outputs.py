@@ -33,6 +33,7 @@ from ..utils.io import atomic_write_bytes, atomic_write_json
 from .features import CSV_FIELDS, nucleus_features, to_geojson
 
 NUCLEI = "nuclei found"  # a RunSummary's count of nuclei
+EMPTY = "images with no detection"  # and of the images predicted without a single nucleus
 
 
 @dataclass
@@ -53,6 +54,18 @@ class RunSummary:
 
     def add(self, label: str, n: int) -> None:
         self.counts[label] = self.counts.get(label, 0) + n
+
+    def empty_warning(self) -> str:
+        """One line when some predicted images have no detection ("" otherwise)."""
+        n = self.counts.get(EMPTY, 0)
+        if not n:
+            return ""
+        return (
+            f"WARNING: {n} of {self.done} predicted {self.unit} have no detection: check that "
+            "they look like the training images (stain, magnification), lower the box score "
+            "threshold (MODEL.ROI_HEADS.SCORE_THRESH_TEST) or train with TEST.SCORE_THRESH_AUTO "
+            "True and a longer schedule"
+        )
 
     def table(self) -> str:
         rows = [
