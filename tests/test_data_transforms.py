@@ -1,14 +1,21 @@
 """The one model input (data/transforms.py): SAM's longest-side resize, boxes through the same
-transform, the training flips named in "sam_transform", RGB or BGR channels."""
+transform, the training flips named in "sam_transform", RGB or BGR channels; and
+INPUT.STAIN_AUGMENT, HED stain jitter of the training images only (scikit-image's colour
+deconvolution), image only — boxes unchanged, masks never read; off by default."""
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cfg
 from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
 
+from dessam_d2.data.mapper import DESSAMDatasetMapper
 from dessam_d2.data.transforms import (
     IMAGE_FORMATS,
     RANDOM_FLIPS,
+    HEDJitter,
+    HEDJitterTransform,
     flip_augmentations,
     sam_model_input,
 )
@@ -59,3 +66,72 @@ def test_flip_choices():
     counts = {name: len(flip_augmentations(name)) for name in RANDOM_FLIPS}
     assert counts == {"none": 0, "horizontal": 1, "vertical": 1, "both": 2}
     assert all(a.prob == 0.5 for a in flip_augmentations("both"))
+
+
+# ------------------------------------------------------------- stain augmentation
+
+
+@pytest.fixture
+def record(tmp_path):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    image = np.full((64, 64, 3), (225, 200, 230), np.uint8)  # pink background
+    image[10:30, 10:30] = (90, 60, 150)  # a purple nucleus
+    image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    path = str(tmp_path / "a.png")
+    cv2.imwrite(path, image[:, :, ::-1])
+
+    class NoMask(dict):
+        def __getitem__(self, key):
+            assert key != "segmentation", "a mask was read"
+            return super().__getitem__(key)
+
+    ann = NoMask(bbox=[10, 10, 20, 20], bbox_mode=BoxMode.XYWH_ABS, category_id=0, iscrowd=0)
+    return {"file_name": path, "height": 64, "width": 64, "image_id": 1, "annotations": [ann]}
+
+
+def _mapper(is_train, **overrides):
+    return DESSAMDatasetMapper(tiny_cfg(**overrides), is_train=is_train)
+
+
+def test_off_by_default_and_never_at_test_time(record):
+    assert not any(isinstance(a, HEDJitter) for a in _mapper(True).augmentations.augs)
+    on = {"INPUT.STAIN_AUGMENT": True}
+    assert any(isinstance(a, HEDJitter) for a in _mapper(True, **on).augmentations.augs)
+    plain = _mapper(False)(dict(record))["image"]
+    np.testing.assert_array_equal(_mapper(False, **on)(dict(record))["image"], plain)
+
+
+def test_training_jitter_changes_the_image_not_the_boxes(record):
+    np.random.seed(3)
+    on = {"INPUT.STAIN_AUGMENT": True, "INPUT.STAIN_AUGMENT_SIGMA": 0.3}
+    jittered = _mapper(True, **on)(dict(record))
+    plain = _mapper(True)(dict(record))
+    assert jittered["image"].shape == plain["image"].shape
+    assert jittered["image"].dtype == plain["image"].dtype
+    assert (jittered["image"].int() - plain["image"].int()).abs().float().mean() > 1.0
+    assert jittered["sam_transform"].endswith("+hed")
+    np.testing.assert_array_equal(
+        jittered["instances"].gt_boxes.tensor.numpy(), plain["instances"].gt_boxes.tensor.numpy()
+    )
+
+
+def test_no_jitter_is_the_identity_and_haematoxylin_stays_haematoxylin():
+    from skimage.color import hed2rgb, rgb2hed
+
+    rng = np.random.default_rng(1)
+    any_colour = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)  # green ones included
+    same = HEDJitterTransform(np.ones(3), np.zeros(3)).apply_image(any_colour)
+    assert np.abs(same.astype(int) - any_colour.astype(int)).max() <= 1
+    # stained tissue: colours inside the three stains' gamut
+    image = np.rint(hed2rgb(rng.uniform(0.0, 0.08, (16, 16, 3))) * 255).astype(np.uint8)
+    darker_h = HEDJitterTransform(np.array([1.5, 1.0, 1.0]), np.zeros(3)).apply_image(image)
+    before, after = rgb2hed(image), rgb2hed(darker_h)
+    gain = np.median(after[..., 0] / np.where(np.abs(before[..., 0]) > 1e-3, before[..., 0], 1))
+    assert gain == pytest.approx(1.5, rel=0.15)  # H scaled, E and D about unchanged
+    assert np.median(np.abs(after[..., 1] - before[..., 1])) < 0.1 * np.abs(before[..., 1]).max()
+    boxes = np.array([[1.0, 2.0, 5.0, 9.0]])
+    np.testing.assert_array_equal(
+        HEDJitterTransform(np.ones(3), np.zeros(3)).apply_box(boxes), boxes
+    )
