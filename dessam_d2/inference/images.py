@@ -9,7 +9,15 @@ from tqdm import tqdm
 
 from ..data.image_io import read_image_rgb
 from ..errors import ImageReadError
-from .outputs import EMPTY, NUCLEI, RunSummary, output_paths, write_coco_results, write_outputs
+from .outputs import (
+    EMPTY,
+    NUCLEI,
+    RunSummary,
+    output_paths,
+    write_coco_results,
+    write_outputs,
+    wrote_no_nucleus,
+)
 from .peers import watching
 from .predictor import Predictor
 
@@ -45,6 +53,8 @@ def predict_images(
             paths = output_paths(output_dir, path)
             if os.path.exists(paths["csv"]) and not overwrite:
                 summary.skipped += 1
+                # read back: the killed run that finished it never printed its summary
+                summary.add(EMPTY, int(wrote_no_nucleus(paths)))
                 continue
             try:
                 image = read_image_rgb(path)

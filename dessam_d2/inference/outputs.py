@@ -33,7 +33,7 @@ from ..utils.io import atomic_write_bytes, atomic_write_json
 from .features import CSV_FIELDS, nucleus_features, to_geojson
 
 NUCLEI = "nuclei found"  # a RunSummary's count of nuclei
-EMPTY = "images with no detection"  # and of the images predicted without a single nucleus
+EMPTY = "images with no detection"  # and of the finished images (predicted or skipped) without one
 
 
 @dataclass
@@ -56,12 +56,13 @@ class RunSummary:
         self.counts[label] = self.counts.get(label, 0) + n
 
     def empty_warning(self) -> str:
-        """One line when some predicted images have no detection ("" otherwise)."""
+        """One line when some finished images (predicted now or by an earlier run) have no
+        detection ("" otherwise)."""
         n = self.counts.get(EMPTY, 0)
         if not n:
             return ""
         return (
-            f"WARNING: {n} of {self.done} predicted {self.unit} have no detection: check that "
+            f"WARNING: {n} of {self.done + self.skipped} {self.unit} have no detection: check that "
             "they look like the training images (stain, magnification), lower the box score "
             "threshold (MODEL.ROI_HEADS.SCORE_THRESH_TEST) or train with TEST.SCORE_THRESH_AUTO "
             "True and a longer schedule"
@@ -153,6 +154,13 @@ def write_outputs(image: np.ndarray, instances: Instances, paths: Dict[str, str]
     writer.writerows(rows)
     atomic_write_bytes(paths["csv"], text.getvalue().encode())
     return len(rows)
+
+
+def wrote_no_nucleus(paths: Dict[str, str]) -> bool:
+    """Whether the finished image of ``paths`` (``output_paths``) has no nucleus: its CSV has
+    a header and no row."""
+    with open(paths["csv"], newline="") as f:
+        return next(csv.DictReader(f), None) is None
 
 
 def coco_results(image_paths: Iterable[str], output_dir: str) -> Tuple[List[Dict], List[Dict]]:
