@@ -136,7 +136,8 @@ def add_dessam_config(cfg: CN) -> None:
     # off in the paper and the release. STAIN_AUGMENT_SIGMA / _BIAS: each of the H, E, D
     # channels becomes alpha * c + beta * m, alpha ~ U(1 - sigma, 1 + sigma), beta ~ U(-bias,
     # bias), m the channel's largest value in the image (data/transforms.py HEDJitter). The image
-    # changes every epoch: leave MODEL.DESSAM.EMBEDDING_CACHE_DIR empty with it.
+    # changes every step, so no embedding can be cached: training with it and
+    # MODEL.DESSAM.EMBEDDING_CACHE_DIR set (encoder frozen) is a ConfigError (data/mapper.py).
     _C.INPUT.STAIN_AUGMENT = False
     _C.INPUT.STAIN_AUGMENT_SIGMA = 0.05
     _C.INPUT.STAIN_AUGMENT_BIAS = 0.05

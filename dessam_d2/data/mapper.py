@@ -66,12 +66,15 @@ class DESSAMDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict:
+        stain_augment = bool(cfg.INPUT.get("STAIN_AUGMENT", False))
+        if is_train and stain_augment:
+            _check_no_embedding_cache(cfg)
         return {
             "is_train": is_train,
             "image_size": cfg.MODEL.SAM.IMAGE_SIZE,
             "image_format": cfg.INPUT.FORMAT,
             "random_flip": cfg.INPUT.RANDOM_FLIP,
-            "stain_augment": cfg.INPUT.get("STAIN_AUGMENT", False),
+            "stain_augment": stain_augment,
             "stain_sigma": cfg.INPUT.get("STAIN_AUGMENT_SIGMA", 0.05),
             "stain_bias": cfg.INPUT.get("STAIN_AUGMENT_BIAS", 0.05),
         }
@@ -128,3 +131,21 @@ class DESSAMDatasetMapper:
         instances.gt_boxes = Boxes(torch.as_tensor(boxes[valid], dtype=torch.float32))
         instances.gt_classes = torch.zeros(int(valid.sum()), dtype=torch.int64)
         return instances
+
+
+def _check_no_embedding_cache(cfg) -> None:
+    """Training with INPUT.STAIN_AUGMENT: the embedding cache must be off.
+
+    The jitter draws new colours for every image at every step, so each training embedding
+    would be stored once and never read again, filling MODEL.DESSAM.EMBEDDING_CACHE_DIR and
+    evicting the entries that evaluation does reuse. With the encoder trained
+    (MODEL.SAM.FREEZE_ENCODER False) the model ignores the cache anyway.
+    """
+    dessam, sam = cfg.MODEL.get("DESSAM", {}), cfg.MODEL.get("SAM", {})
+    cache_dir = dessam.get("EMBEDDING_CACHE_DIR", "")
+    if cache_dir and sam.get("FREEZE_ENCODER", True):
+        raise ConfigError(
+            f"INPUT.STAIN_AUGMENT True with MODEL.DESSAM.EMBEDDING_CACHE_DIR '{cache_dir}': the "
+            "jitter changes every training image at every step, so no embedding could be read "
+            'back; append MODEL.DESSAM.EMBEDDING_CACHE_DIR "" to train with stain augmentation'
+        )
