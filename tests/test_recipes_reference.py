@@ -83,8 +83,10 @@ def test_the_reference_is_mask_rcnn_on_the_same_frozen_sam_encoder(cytology, tmp
     after = model.roi_heads.mask_head.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(mine[k], model.backbone.net.encoder.state_dict()[k]) for k in mine)
-    # Trainer.test sets each test set's score threshold through the same method as DES-SAM's
-    assert model.set_score_threshold(0.3) == cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+    # The demo config fits the threshold after training (TEST.SCORE_THRESH_AUTO), as DES-SAM's;
+    # Trainer.test sets each test set's score threshold through the same method
+    assert cfg.TEST.SCORE_THRESH_AUTO and model.fitted_score_threshold is not None
+    assert model.set_score_threshold(0.3) == pytest.approx(model.fitted_score_threshold)
     assert model.roi_heads.box_predictor.test_score_thresh == 0.3
 
 
