@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, BoxMode, Instances
 from scipy import ndimage
 
 from dessam_d2 import add_dessam_config
@@ -134,3 +134,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if os.path.basename(str(item.fspath)).startswith("test_e2e_"):
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture
+def stained_record(tmp_path):
+    """A 64 px H&E-like image (a purple nucleus on pink) with one box whose mask, if read,
+    fails the test."""
+    rng = np.random.default_rng(0)
+    image = np.full((64, 64, 3), (225, 200, 230), np.uint8)  # pink background
+    image[10:30, 10:30] = (90, 60, 150)  # a purple nucleus
+    image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    path = str(tmp_path / "a.png")
+    cv2.imwrite(path, image[:, :, ::-1])
+
+    class NoMask(dict):
+        def __getitem__(self, key):
+            assert key != "segmentation", "a mask was read"
+            return super().__getitem__(key)
+
+    ann = NoMask(bbox=[10, 10, 20, 20], bbox_mode=BoxMode.XYWH_ABS, category_id=0, iscrowd=0)
+    return {"file_name": path, "height": 64, "width": 64, "image_id": 1, "annotations": [ann]}

@@ -188,20 +188,6 @@ def test_bgr_format_reverses_the_channels_in_every_path(wide_image):
 STAIN_ON = {"INPUT.STAIN_AUGMENT": True, "INPUT.STAIN_AUGMENT_SIGMA": 0.3}
 
 
-@pytest.fixture
-def stained_record(tmp_path):
-    import cv2
-
-    rng = np.random.default_rng(0)
-    image = np.full((48, 48, 3), (225, 200, 230), np.uint8)  # pink background
-    image[8:24, 8:24] = (90, 60, 150)  # a purple nucleus
-    image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
-    path = str(tmp_path / "a.png")
-    cv2.imwrite(path, image[:, :, ::-1])
-    ann = {"bbox": [8, 8, 16, 16], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0}
-    return {"file_name": path, "height": 48, "width": 48, "image_id": 1, "annotations": [ann]}
-
-
 def test_training_with_the_embedding_cache_is_a_config_error(tmp_path):
     cache = {"MODEL.DESSAM.EMBEDDING_CACHE_DIR": str(tmp_path / "cache")}
     with pytest.raises(ConfigError, match="EMBEDDING_CACHE_DIR"):

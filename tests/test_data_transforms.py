@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import tiny_cfg
 from detectron2.data import transforms as T
-from detectron2.structures import BoxMode
 
 from dessam_d2.data.mapper import DESSAMDatasetMapper
 from dessam_d2.data.transforms import (
@@ -71,43 +70,23 @@ def test_flip_choices():
 # ------------------------------------------------------------- stain augmentation
 
 
-@pytest.fixture
-def record(tmp_path):
-    import cv2
-
-    rng = np.random.default_rng(0)
-    image = np.full((64, 64, 3), (225, 200, 230), np.uint8)  # pink background
-    image[10:30, 10:30] = (90, 60, 150)  # a purple nucleus
-    image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
-    path = str(tmp_path / "a.png")
-    cv2.imwrite(path, image[:, :, ::-1])
-
-    class NoMask(dict):
-        def __getitem__(self, key):
-            assert key != "segmentation", "a mask was read"
-            return super().__getitem__(key)
-
-    ann = NoMask(bbox=[10, 10, 20, 20], bbox_mode=BoxMode.XYWH_ABS, category_id=0, iscrowd=0)
-    return {"file_name": path, "height": 64, "width": 64, "image_id": 1, "annotations": [ann]}
-
-
 def _mapper(is_train, **overrides):
     return DESSAMDatasetMapper(tiny_cfg(**overrides), is_train=is_train)
 
 
-def test_off_by_default_and_never_at_test_time(record):
+def test_off_by_default_and_never_at_test_time(stained_record):
     assert not any(isinstance(a, HEDJitter) for a in _mapper(True).augmentations.augs)
     on = {"INPUT.STAIN_AUGMENT": True}
     assert any(isinstance(a, HEDJitter) for a in _mapper(True, **on).augmentations.augs)
-    plain = _mapper(False)(dict(record))["image"]
-    np.testing.assert_array_equal(_mapper(False, **on)(dict(record))["image"], plain)
+    plain = _mapper(False)(dict(stained_record))["image"]
+    np.testing.assert_array_equal(_mapper(False, **on)(dict(stained_record))["image"], plain)
 
 
-def test_training_jitter_changes_the_image_not_the_boxes(record):
+def test_training_jitter_changes_the_image_not_the_boxes(stained_record):
     np.random.seed(3)
     on = {"INPUT.STAIN_AUGMENT": True, "INPUT.STAIN_AUGMENT_SIGMA": 0.3}
-    jittered = _mapper(True, **on)(dict(record))
-    plain = _mapper(True)(dict(record))
+    jittered = _mapper(True, **on)(dict(stained_record))
+    plain = _mapper(True)(dict(stained_record))
     assert jittered["image"].shape == plain["image"].shape
     assert jittered["image"].dtype == plain["image"].dtype
     assert (jittered["image"].int() - plain["image"].int()).abs().float().mean() > 1.0
