@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from ..errors import ImageNotFoundError, ImageReadError
 
-__all__ = ["read_image_rgb", "to_uint8"]
+__all__ = ["read_image_rgb", "array_to_rgb", "to_uint8"]
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # Pillow modes whose pixels np.asarray returns faithfully (other modes are converted first).
@@ -101,6 +101,12 @@ def _to_rgb(array: np.ndarray, path: str) -> np.ndarray:
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ImageReadError(f"{path}: unsupported pixel type {array.dtype}; save it as 8/16 bit")
     return np.ascontiguousarray(to_uint8(array))
+
+
+def array_to_rgb(array: np.ndarray, name: str = "image") -> np.ndarray:
+    """An image array already in memory (e.g. a napari layer's data) as H x W x 3 uint8 RGB,
+    by the same conversions as ``read_image_rgb``; ``name`` is what an error calls it."""
+    return _to_rgb(np.asarray(array), name)
 
 
 def read_image_rgb(path: Union[str, os.PathLike]) -> np.ndarray:

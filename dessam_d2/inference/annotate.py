@@ -15,6 +15,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.structures import Instances
 from tqdm import tqdm
 
 from ..data.image_io import read_image_rgb
@@ -60,6 +61,23 @@ def _valid_box(bbox, width: int, height: int) -> bool:
     return w > 0 and h > 0 and x < width and y < height and x + w > 0 and y + h > 0
 
 
+@torch.no_grad()
+def segment_image_boxes(
+    predictor: Predictor, image: np.ndarray, xyxy: np.ndarray, student: bool = False
+) -> Instances:
+    """SAM's masks for the boxes ``xyxy`` (N x 4, image pixels; clipped to the image) of one
+    H x W x 3 RGB image, as the teacher (``student=False``: SAM's own output tokens) or the
+    trained student; Instances at the image's size, one per box, in the boxes' order."""
+    h, w = image.shape[:2]
+    xyxy = np.array(xyxy, dtype=np.float64).reshape(-1, 4)
+    xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, w)
+    xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, h)
+    inputs, boxes = predictor.model_input(image, xyxy)  # boxes in the input's frame
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    model = predictor.model
+    return model.segment_boxes([inputs], [boxes], student=student)[0]["instances"].to("cpu")
+
+
 def _read_partial(path: str) -> Dict[int, List[Dict]]:
     done = {}
     if os.path.exists(path):
@@ -86,7 +104,6 @@ def boxes_to_masks(
     """Write ``output_file``: the input COCO file with a ``segmentation`` (RLE) for every box.
     Raises ImageReadError, writing nothing, when not one image could be read."""
     coco = read_coco(annotation_file)
-    model = predictor.model
     by_image: Dict[int, List[Dict]] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
@@ -117,13 +134,9 @@ def boxes_to_masks(
             summary.add(DEGENERATE, len(by_image.get(info["id"], [])) - len(anns))
             xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
             xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-            xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, w)
-            xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, h)
-            inputs, boxes = predictor.model_input(image, xyxy)  # boxes in the input's frame
-            boxes = torch.as_tensor(boxes, dtype=torch.float32)
-            inst = model.segment_boxes([inputs], [boxes], student=student)[0]["instances"]
+            inst = segment_image_boxes(predictor, image, xyxy, student)
             # Detectron2's COCO encoding of the masks (RLE), one per box, in the boxes' order
-            encoded = instances_to_coco_json(inst.to("cpu"), info["id"])
+            encoded = instances_to_coco_json(inst, info["id"])
             areas = inst.pred_masks.flatten(1).sum(1).tolist()
             out = [
                 {**ann, "segmentation": e["segmentation"], "area": float(area)}

@@ -132,13 +132,21 @@ def _fixed_numpy_random(seed: int = 0):
         np.random.set_state(state)
 
 
-def write_outputs(image: np.ndarray, instances: Instances, paths: Dict[str, str]) -> int:
+def labels_and_rows(image: np.ndarray, instances: Instances) -> Tuple[np.ndarray, List[Dict]]:
+    """The label image (H x W int32, 0 = background, nucleus i = the i-th instance) and its CSV
+    rows (``nucleus_features``) of one image's predictions: what ``write_outputs`` writes, and
+    what the napari plugin shows, with the same ids."""
     masks = instances.pred_masks.numpy()
     scores = instances.scores.numpy()
     labels = masks_to_label_map(masks, scores)
     # masks_to_label_map numbers nuclei by their order in ``masks``; a nucleus hidden entirely by
     # higher-scoring ones gets no pixel and no row.
     id_scores = {i + 1: float(s) for i, s in enumerate(scores)}
+    return labels, nucleus_features(image, labels, id_scores)
+
+
+def write_outputs(image: np.ndarray, instances: Instances, paths: Dict[str, str]) -> int:
+    labels, rows = labels_and_rows(image, instances)
     if labels.max(initial=0) > np.iinfo(np.uint16).max:
         raise UsageError(f"{paths['labels']}: more than 65535 nuclei do not fit a 16-bit image")
     atomic_write_bytes(paths["labels"], _png_bytes(labels.astype(np.uint16)))
@@ -146,7 +154,6 @@ def write_outputs(image: np.ndarray, instances: Instances, paths: Dict[str, str]
     with _fixed_numpy_random():
         drawn = vis.draw_instance_predictions(instances).get_image()
     atomic_write_bytes(paths["overlay"], _png_bytes(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)))
-    rows = nucleus_features(image, labels, id_scores)
     atomic_write_json(paths["geojson"], to_geojson(labels, rows))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)

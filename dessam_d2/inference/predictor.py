@@ -2,7 +2,7 @@
 Instances), tiled through ``tiling`` when larger than a tile. What is written from them:
 ``outputs``; which files: ``inputs``; runs over many images or slides: ``images``, ``slides``."""
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -52,20 +52,36 @@ class Predictor:
         """``sam_model_input`` (the mapper's): the input dict and ``boxes`` in its frame."""
         return sam_model_input(image, self.image_size, self.image_format, boxes=boxes)
 
+    def num_tiles(self, height: int, width: int) -> int:
+        """How many tiles an image of this size is predicted in."""
+        t, o = self.tile_size, self.tile_overlap
+        return len(tile_starts(height, t, o)) * len(tile_starts(width, t, o))
+
     @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> Instances:
-        """H x W x 3 uint8 RGB -> Instances at the image's size (pred_masks, boxes, scores)."""
+    def __call__(
+        self, image: np.ndarray, progress: Optional[Callable[[int, int], None]] = None
+    ) -> Instances:
+        """H x W x 3 uint8 RGB -> Instances at the image's size (pred_masks, boxes, scores).
+
+        ``progress(done, total)`` is called after each tile (an interactive front end's
+        progress bar; it may raise to stop)."""
         h, w = image.shape[:2]
         t = self.tile_size
         ys, xs = tile_starts(h, t, self.tile_overlap), tile_starts(w, t, self.tile_overlap)
-        if len(ys) == len(xs) == 1:
-            return self._predict_tile(image)
+        total = len(ys) * len(xs)
+        if total == 1:
+            inst = self._predict_tile(image)
+            if progress:
+                progress(1, 1)
+            return inst
         parts = []
         for iy, y in enumerate(ys):
             for ix, x in enumerate(xs):
                 inst = self._predict_tile(image[y : y + t, x : x + t])
                 core = tile_cores((ys, xs), iy, ix, t, (h, w))
                 parts.append((inst[owned(inst.pred_boxes.tensor, x, y, core)], y, x))
+                if progress:
+                    progress(len(parts), total)
         return merge(parts, (h, w))
 
     def _predict_tile(self, tile: np.ndarray) -> Instances:
