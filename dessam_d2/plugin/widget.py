@@ -251,12 +251,18 @@ class DessamWidget(QWidget):
         def progress(step: int, total: int) -> None:
             self._progress.changed.emit(step, total)
             if self._stop.is_set() and step < total:
-                raise Cancelled(f"{job} cancelled")
+                raise Cancelled(f"{job} cancelled at step {step} of {total}")
+
+        def guarded(progress):
+            # errors come back as values: napari would show a raised one with its traceback
+            try:
+                return True, work(progress)
+            except Exception as e:  # noqa: BLE001 - shown in one line by _finish
+                return False, e
 
         self.job = job
-        worker = create_worker(work, progress, _start_thread=False)
+        worker = create_worker(guarded, progress, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(lambda result, w=worker: self._finish(w, done, result))
-        worker.errored.connect(lambda error, w=worker: (self._release(w), self._failed(error)))
         worker.finished.connect(lambda w=worker: self._release(w))
         self.worker = worker
         self.progress_bar.setRange(0, 0)  # busy until the first step
@@ -264,8 +270,12 @@ class DessamWidget(QWidget):
         self.status.setText(f"{job} …")
         worker.start()
 
-    def _finish(self, worker, done: Callable, result) -> None:
+    def _finish(self, worker, done: Callable, outcome) -> None:
         self._release(worker)  # free for what ``done`` starts (training -> predicting)
+        ok, result = outcome
+        if not ok:
+            self._failed(result)
+            return
         try:
             done(result)
         except Exception as e:  # noqa: BLE001 - shown in one line, never as a dialog
