@@ -212,8 +212,8 @@ def test_bad_input_is_one_line_notification(plugin, checkpoint, tmp_path):
     assert errors(widget)[-1].startswith("no image layer selected")
     image, boxes, _ = field()
     viewer.add_image(image, name="field", rgb=True)
-    viewer.add_shapes(boxes_to_rectangles([[10, 10, 30, 30], [400, 10, 420, 30]]),
-                                shape_type="rectangle", name="outside")  # fmt: skip
+    rects = boxes_to_rectangles([[10, 10, 30, 30], [400, 10, 420, 30]])
+    viewer.add_shapes(rects, shape_type="rectangle", name="outside")
     widget.boxes_combo.setCurrentText("outside")
     run(widget.masks_button)
     assert "box 2 (400, 10, 420, 30) lies outside the 256 x 256 image" in errors(widget)[-1]
