@@ -4,6 +4,7 @@ layer table below.
 
     tools/, benchmarks/          (outside the package: may import anything)
     cli                          the tools' error policy and launcher: only tools import it
+    plugin                       the napari plugin: a front end over recipes and below
     recipes                      importable runs (demo, reproduction, pretraining)
     engine | inference           training | prediction; neither imports the other
     modeling | data | evaluation one layer of three independent parts: none imports another
@@ -34,6 +35,7 @@ ALLOWED = {
     **UPPER,
     "recipes": set(BOTTOM) | set(MIDDLE) | set(UPPER),
     "cli": set(BOTTOM),
+    "plugin": set(BOTTOM) | set(MIDDLE) | set(UPPER) | {"recipes"},
 }
 ALLOWED[""] = set(ALLOWED) - {"cli"}  # dessam_d2/__init__.py
 

@@ -21,34 +21,19 @@ from napari.layers import Image, Labels, Shapes
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QComboBox
 
 from ..data.export import export_box_set
 from ..errors import UsageError, UserError
 from ..inference.interactive import Session, load_session, predict_image, segment_boxes
 from ..recipes.retrain import DEMO_CONFIG, TrainingStopped, train_on_box_sets
+from .forms import NO_LABELS, DessamForm
 from .io import IMAGE_KEY, boxes_layer_data
 from .layers import image_data_to_rgb, labels_data, rectangles_to_boxes, rows_to_features
 
 __all__ = ["DessamWidget"]
 
 logger = logging.getLogger(__name__)
-DEMO_WEIGHTS = "output/demo/model_final.pth"
-NO_LABELS = "(none)"
 
 
 class Cancelled(UserError):
@@ -61,17 +46,7 @@ class _Progress(QObject):
     changed = Signal(int, int)
 
 
-def _path_row(edit: QLineEdit, pick: Callable[[], str]) -> QHBoxLayout:
-    row = QHBoxLayout()
-    row.addWidget(edit)
-    button = QPushButton("…")
-    button.setFixedWidth(28)
-    button.clicked.connect(lambda: (lambda p: p and edit.setText(p))(pick()))
-    row.addWidget(button)
-    return row
-
-
-class DessamWidget(QWidget):
+class DessamWidget(DessamForm):
     """The plugin's dock widget (npe2 passes the viewer)."""
 
     def __init__(self, napari_viewer):
@@ -84,97 +59,10 @@ class DessamWidget(QWidget):
         self._stop = threading.Event()
         self._progress = _Progress()
         self._progress.changed.connect(self._show_progress)
-        layout = QVBoxLayout(self)
-        layout.addWidget(self._model_box())
-        layout.addWidget(self._image_box())
-        layout.addWidget(self._export_box())
-        layout.addWidget(self._train_box())
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setFormat("%v / %m")
-        self.status = QLabel("no model loaded")
-        self.status.setWordWrap(True)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        row = QHBoxLayout()
-        row.addWidget(self.progress_bar)
-        row.addWidget(self.cancel_button)
-        layout.addLayout(row)
-        layout.addWidget(self.status)
-        layout.addStretch()
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self.refresh_layers)
         napari_viewer.layers.selection.events.active.connect(self.refresh_layers)
         self.refresh_layers()
-
-    # -- sections --------------------------------------------------------------------------
-    def _model_box(self) -> QGroupBox:
-        box = QGroupBox("Model")
-        form = QFormLayout(box)
-        self.config_edit = QLineEdit(DEMO_CONFIG)
-        self.weights_edit = QLineEdit(DEMO_WEIGHTS if os.path.isfile(DEMO_WEIGHTS) else "")
-        self.weights_edit.setPlaceholderText("none: the config's SAM as teacher")
-        form.addRow("config", _path_row(self.config_edit, lambda: self._open_file("*.yaml")))
-        form.addRow("weights", _path_row(self.weights_edit, lambda: self._open_file("*.pth")))
-        self.load_button = QPushButton("Load model")
-        self.load_button.clicked.connect(self.load_model)
-        form.addRow(self.load_button)
-        self.model_info = QLabel("")
-        self.model_info.setWordWrap(True)
-        form.addRow(self.model_info)
-        return box
-
-    def _image_box(self) -> QGroupBox:
-        box = QGroupBox("Segment")
-        form = QFormLayout(box)
-        self.image_combo = QComboBox()
-        self.boxes_combo = QComboBox()
-        form.addRow("image", self.image_combo)
-        self.predict_button = QPushButton("Predict nuclei")
-        self.predict_button.clicked.connect(self.predict)
-        form.addRow(self.predict_button)
-        form.addRow("boxes", self.boxes_combo)
-        self.student_check = QCheckBox("trained student (else SAM as teacher)")
-        form.addRow(self.student_check)
-        self.masks_button = QPushButton("Boxes → masks")
-        self.masks_button.clicked.connect(self.boxes_to_masks)
-        form.addRow(self.masks_button)
-        return box
-
-    def _export_box(self) -> QGroupBox:
-        box = QGroupBox("Correct and export")
-        form = QFormLayout(box)
-        self.labels_combo = QComboBox()
-        form.addRow("outlines", self.labels_combo)
-        self.export_edit = QLineEdit("output/napari_boxes")
-        form.addRow("box set", _path_row(self.export_edit, self._open_folder))
-        self.export_button = QPushButton("Export image + boxes")
-        self.export_button.clicked.connect(self.export)
-        form.addRow(self.export_button)
-        return box
-
-    def _train_box(self) -> QGroupBox:
-        box = QGroupBox("Train")
-        form = QFormLayout(box)
-        self.sets_edit = QLineEdit("")
-        self.sets_edit.setPlaceholderText("box sets' annotations.json, separated by ;")
-        form.addRow("sets", self.sets_edit)
-        self.train_output_edit = QLineEdit("output/napari_train")
-        form.addRow("output", _path_row(self.train_output_edit, self._open_folder))
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(0, 100000)
-        self.steps_spin.setSpecialValueText("the config's")
-        form.addRow("steps", self.steps_spin)
-        self.train_button = QPushButton("Train, load and predict again")
-        self.train_button.clicked.connect(self.train)
-        form.addRow(self.train_button)
-        return box
-
-    def _open_file(self, pattern: str) -> str:
-        return QFileDialog.getOpenFileName(self, "Open", "", pattern)[0]
-
-    def _open_folder(self) -> str:
-        return QFileDialog.getExistingDirectory(self, "Folder")
 
     # -- layers ----------------------------------------------------------------------------
     def refresh_layers(self, event=None) -> None:
