@@ -16,6 +16,7 @@ from dessam_d2.inference.slides import predict_slide, slide_output_paths
 from dessam_d2.inference.slides.label_tiff import label_tiff_downsamples, write_label_tiff
 from dessam_d2.inference.slides.reader import SlideGrid
 from dessam_d2.inference.tiling import tile_starts
+from dessam_d2.plugin.io import read_path
 
 OME = "{http://www.openmicroscopy.org/Schemas/OME/2016-06}"
 
@@ -98,10 +99,14 @@ def test_writer_keeps_ids_past_65535_overlaps_by_score_and_level_0_scale(tmp_pat
         return labels, np.array(scores), first
 
     level0_size = (2 * size[0] + 10, 2 * size[1] + 6)
-    path = str(tmp_path / "labels.tif")
+    path = str(tmp_path / "slide_labels.ome.tif")
     write_label_tiff(path, level0_size, grid, (ys, xs), tile, load, mpp=0.5, tile=64)
     levels, info, pixels, pages = read_levels(path)
     assert len(levels) == len(label_tiff_downsamples(level0_size, 64)) == 5 and pages == 1
+    # the napari plugin's reader opens it as a multiscale Labels layer, every level as written
+    ((opened, kwargs, kind),) = read_path(path)
+    assert kind == "labels" and kwargs["multiscale"] and len(opened) == 5
+    assert all(np.array_equal(a, b) for a, b in zip(opened, levels))
     assert (pixels["SizeX"], pixels["SizeY"]) == tuple(map(str, level0_size))
     assert pixels["Type"] == "uint32" and float(pixels["PhysicalSizeX"]) == 0.5
     assert [i[3] for i in info] == [(20000 // 2**k, 1) for k in range(5)]  # 0.5 µm/px, per cm
