@@ -157,6 +157,10 @@ def add_dessam_config(cfg: CN) -> None:
 
     # "SGD" (the paper, and the demo) or "ADAMW" (any case).
     _C.SOLVER.OPTIMIZER = "SGD"
+    # Learning rate of SAM's own parts (encoder, prompt encoder, mask decoder) when they train
+    # (MODEL.SAM.FREEZE_ENCODER / FREEZE_DECODER False), as a factor of BASE_LR; DES-SAM keeps
+    # them frozen, so the paper configs never use it.
+    _C.SOLVER.SAM_LR_FACTOR = 1.0
     # Schedule in epochs as the paper states it (50 epochs, lr x0.1 at 30 and 36), converted to
     # iterations from the training set's size by dessam_d2.engine.setup; 0 = use MAX_ITER/STEPS.
     _C.SOLVER.EPOCHS = 0

@@ -157,3 +157,22 @@ def test_targetb_subset_follows_its_image_list(tmp_path):
             DatasetCatalog.get(name)
     finally:
         register_all_nuclei_datasets(overwrite=True)  # back to the default root
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "ADAMW"])
+def test_trainable_sam_parts_get_their_own_learning_rate(optimizer):
+    """SOLVER.SAM_LR_FACTOR scales the learning rate of SAM's encoder, prompt encoder and mask
+    decoder when they train (the whole-network row), and of nothing else."""
+    cfg = tiny_cfg(**{"MODEL.SAM.FREEZE_ENCODER": False, "MODEL.SAM.FREEZE_DECODER": False})
+    cfg.merge_from_list(["SOLVER.OPTIMIZER", optimizer, "SOLVER.SAM_LR_FACTOR", 0.01])
+    model = _model(cfg)
+    optim = Trainer.build_optimizer(cfg, model)
+    lr_of = {id(p): g["lr"] for g in optim.param_groups for p in g["params"]}
+    sam = {
+        id(p) for part in model.sam_parts().values() for p in part.parameters() if p.requires_grad
+    }
+    base, bias = cfg.SOLVER.BASE_LR, cfg.SOLVER.BASE_LR * cfg.SOLVER.BIAS_LR_FACTOR
+    assert sam and sam <= set(lr_of)
+    assert {lr_of[i] for i in sam} <= {0.01 * base, 0.01 * bias}
+    others = {lr for i, lr in lr_of.items() if i not in sam}
+    assert others and others <= {base, bias}

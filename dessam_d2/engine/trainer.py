@@ -191,9 +191,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module):
-        if cfg.SOLVER.OPTIMIZER.upper() == "SGD":
-            return super().build_optimizer(cfg, model)
-        if cfg.SOLVER.OPTIMIZER.upper() != "ADAMW":
+        """Detectron2's SGD (its parameter groups, momentum, clipping) or AdamW; trainable SAM
+        parts get BASE_LR x SOLVER.SAM_LR_FACTOR."""
+        kind = cfg.SOLVER.OPTIMIZER.upper()
+        if kind not in ("SGD", "ADAMW"):
             raise ConfigError(f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r}: use 'SGD' or 'ADAMW'")
         params = get_default_optimizer_params(
             model,
@@ -202,6 +203,30 @@ class Trainer(DefaultTrainer):
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         )
+        factor = cfg.SOLVER.SAM_LR_FACTOR
+        parts = getattr(model, "module", model)
+        if factor != 1.0 and hasattr(parts, "sam_parts"):
+            sam = {id(p) for part in parts.sam_parts().values() for p in part.parameters()}
+            split = []  # Detectron2 merges parameters of equal settings into one group
+            for group in params:
+                mine = [p for p in group["params"] if id(p) in sam]
+                rest = [p for p in group["params"] if id(p) not in sam]
+                if rest:
+                    split.append({**group, "params": rest})
+                if mine:
+                    lr = group.get("lr", cfg.SOLVER.BASE_LR) * factor
+                    split.append({**group, "params": mine, "lr": lr})
+            params = split
+        if kind == "SGD":
+            sgd = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
+            return sgd(
+                params,
+                lr=cfg.SOLVER.BASE_LR,
+                momentum=cfg.SOLVER.MOMENTUM,
+                nesterov=cfg.SOLVER.NESTEROV,
+                weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                foreach=True,  # as Detectron2's build_optimizer
+            )
         adamw = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
         return adamw(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
