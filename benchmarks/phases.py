@@ -7,6 +7,8 @@
   cache, and where its time goes;
 - ``phase_infer``: inference per image where the detector keeps exactly N boxes, in float32,
   with the decoder in bfloat16 and (``bf16``) with the whole model in bfloat16;
+- ``phase_flops``: the multiply-adds of inference with N boxes and of the cached training step,
+  per part, and this machine's peak rates (``benchmarks.flops``);
 - ``phase_decoder``: SAM's decoder alone in ms per nucleus (segment-anything's MaskDecoder, this
   package's shared-work decoder in float32 and bfloat16), how far they differ, where its time goes.
 
@@ -282,4 +284,28 @@ def phase_decoder(
     head.set_decoding(inference_dtype="float32", chunk_size=chunk_size)
     nb = boxes[:reference_nuclei]
     out["decoder_breakdown"] = decoder_breakdown(head, emb, nb, repeats)
+    return out
+
+
+def phase_flops(config_file: str, train_nuclei: int, infer_nuclei: Sequence[int]) -> dict:
+    """Multiply-adds of inference with each N of ``infer_nuclei`` boxes and of the cached
+    training step (``train_nuclei`` ground-truth boxes), per part, and the peak rates."""
+    from benchmarks import flops
+
+    out = {}
+    for n in infer_nuclei:
+        overrides = {
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0,
+            "MODEL.ROI_HEADS.NMS_THRESH_TEST": 1.0,
+            "TEST.DETECTIONS_PER_IMAGE": n,
+            "MODEL.RPN.POST_NMS_TOPK_TEST": max(1000, n),
+        }
+        model = build_model(build_cfg(config_file, **overrides))
+        inp = synthetic_input(50, model.image_size, with_gt=False)
+        out[f"infer_{n}"] = flops.count_inference(model, inp)
+    model = build_model(build_cfg(config_file))
+    step = flops.count_train_step(model, synthetic_input(train_nuclei, model.image_size))
+    out["train_cached"] = step
+    out["peak_macs_float32"] = flops.peak_macs("float32")
+    out["peak_macs_bfloat16"] = flops.peak_macs("bfloat16") if native_bf16() else None
     return out

@@ -117,6 +117,50 @@ def peer_lines(r: dict) -> List[str]:
     return lines
 
 
+def limit_lines(r: dict) -> List[str]:
+    """Each phase's time against its limit (multiply-adds / this machine's peak rate)."""
+    if "limits_s" not in r:
+        return []
+    lims, macs = r["limits_s"], r["macs"]
+    peak16 = r.get("peak_gflops_bfloat16")
+    lines = [
+        "",
+        f"Peak (the encoder's MLP product, {r['threads']} threads): float32 "
+        f"{r['peak_gflops_float32']:.0f} GFLOP/s"
+        + (f", bfloat16 {peak16:.0f} GFLOP/s" if peak16 else ", bfloat16 not native")
+        + f"; {r['macs_convention']}",
+        "| phase | seconds | GMACs | limit s | x limit |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    rows = [
+        ("encoder forward, float32", r["encoder_s"], macs["infer_100"]["encoder"], "encoder"),
+        ("train step, cached, float32", r["train_step_cached_s"], macs["train_cached"]["total"],
+         "train_step_cached"),
+    ]  # fmt: skip
+    for n in (100, 500):
+        rows.append((f"inference, {n} nuclei, float32", r[f"infer_{n}_s"],
+                     macs[f"infer_{n}"]["total"], f"infer_{n}"))  # fmt: skip
+        if f"infer_{n}_bf16" in lims:
+            rows.append((f"inference, {n} nuclei, bfloat16", r[f"infer_{n}_bf16_s"],
+                         macs[f"infer_{n}"]["total"], f"infer_{n}_bf16"))  # fmt: skip
+    for name, seconds, count, key in rows:
+        limit = lims[key]
+        lines.append(
+            f"| {name} | {seconds:.2f} | {count / 1e9:.1f} | {limit:.2f} | {seconds / limit:.2f} |"
+        )
+    parts = macs["infer_100"]
+    lines.append(
+        "MACs of inference with 100 nuclei by part (G): "
+        + ", ".join(f"{k} {parts[k] / 1e9:.1f}" for k in parts if k != "total")
+    )
+    step = macs["train_cached"]
+    lines.append(
+        f"Cached training step (G): forward {step['forward'] / 1e9:.1f} (no encoder), backward "
+        f"{step['backward'] / 1e9:.1f} (estimated: 2x the trained parts, 1x the student decode)"
+    )
+    return lines
+
+
 def format_report(
     r: dict, phases: dict, threads: int, repeats: int, bf16: str, reference_nuclei: int
 ) -> str:
@@ -138,6 +182,7 @@ def format_report(
         "float16 cache, relative change of the first step's losses: "
         + ", ".join(f"{k} {v:.1e}" for k, v in changes.items())
     )
+    lines += limit_lines(r)
     lines.append(target_line(r))
     lines += peer_lines(r)
     lines.append(f"Total benchmark wall time {r['wall_s']:.0f} s")

@@ -40,7 +40,7 @@ from benchmarks.measure import native_bf16, peak_rss_gb
 from benchmarks.report import format_report
 from dessam_d2.utils.malloc import MALLOC_TUNING_SWITCH, tune_malloc
 
-PHASES = ["encoder", "train_uncached", "train_cached", "infer", "decoder"]
+PHASES = ["encoder", "train_uncached", "train_cached", "infer", "decoder", "flops"]
 PEERS_COMMAND = [sys.executable, "-m", "benchmarks.peers"]
 PEER_KEYS = ["sam_predictor_100_s", "sam_predictor_500_s", "microsam_ais_s", "cellpose_sam_s"]
 
@@ -90,6 +90,8 @@ def run_phase(args) -> dict:
         out = phases.phase_train(config, repeats, args.train_nuclei, cached)
     elif args.phase == "infer":
         out = phases.phase_infer(config, repeats, args.infer_nuclei, args.bf16)
+    elif args.phase == "flops":
+        out = phases.phase_flops(config, args.train_nuclei, (100, 500))
     elif args.phase == "decoder":
         chunks = () if args.quick else args.chunk_sizes
         out = phases.phase_decoder(
@@ -212,6 +214,36 @@ def summarize(args, enc: dict, unc: dict, cac: dict, inf: dict, dec: dict, peers
     return r
 
 
+def limit_figures(r: dict, flops: dict) -> dict:
+    """Each phase's limit (its multiply-adds over this machine's peak, ``benchmarks.flops``) and
+    its time over that limit, in float32 and, where native, bfloat16; the ``limit_ratio_*`` keys
+    at the best native precision (training: float32, the only precision it runs in)."""
+    peak32, peak16 = flops["peak_macs_float32"], flops.get("peak_macs_bfloat16")
+    out = {
+        "peak_gflops_float32": 2 * peak32 / 1e9,
+        "peak_gflops_bfloat16": 2 * peak16 / 1e9 if peak16 else None,
+        "macs": {k: flops[k] for k in ("infer_100", "infer_500", "train_cached")},
+        "macs_convention": "fvcore: one multiply-add = one flop; FLOPs = 2 x MACs",
+    }
+    limits = {}
+    for n in (100, 500):
+        total = flops[f"infer_{n}"]["total"]
+        limits[f"infer_{n}"] = total / peak32
+        out[f"limit_ratio_infer_{n}_float32"] = r[f"infer_{n}_s"] / limits[f"infer_{n}"]
+        bf16 = r.get(f"infer_{n}_bf16_s")
+        if peak16 and bf16:
+            limits[f"infer_{n}_bf16"] = total / peak16
+            out[f"limit_ratio_infer_{n}_bfloat16"] = bf16 / limits[f"infer_{n}_bf16"]
+        best = out.get(f"limit_ratio_infer_{n}_bfloat16") or out[f"limit_ratio_infer_{n}_float32"]
+        out[f"limit_ratio_infer_{n}"] = best
+    limits["encoder"] = flops["infer_100"]["encoder"] / peak32
+    limits["train_step_cached"] = flops["train_cached"]["total"] / peak32
+    out["limit_ratio_train_step_cached"] = r["train_step_cached_s"] / limits["train_step_cached"]
+    out["limit_ratio_encoder_float32"] = r["encoder_s"] / limits["encoder"]
+    out["limits_s"] = limits
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # every phase process tunes its own allocator (DESSAM_MALLOC_TUNING=0: glibc's defaults)
@@ -229,10 +261,13 @@ def main(argv=None) -> int:
         inf = child(args, "infer", ["--infer-nuclei", "10", "100"])
         inf.update(child(args, "infer", ["--infer-nuclei", "500"]))
     dec = child(args, "decoder")
+    flops = child(args, "flops")
     peers = run_peers(args) if args.peers_venv else {}
     r = summarize(args, enc, unc, cac, inf, dec, peers)
+    r.update(limit_figures(r, flops))
     r["wall_s"] = time.perf_counter() - t0
     phases = {"train_uncached": unc, "train_cached": cac, "infer": inf, "decoder": dec}
+    phases["flops"] = flops
     print(format_report(r, phases, args.threads, args.repeats, args.bf16, args.reference_nuclei))
     r.update({k: v for k, v in dec.items() if k.startswith("decoder_")})
     print(json.dumps(r))
