@@ -9,7 +9,7 @@ from detectron2.utils.events import EventStorage
 from dessam_d2.recipes.whole_network import whole_network_config
 
 
-def test_whole_network_config_changes_only_freezing_losses_and_cache(tmp_path):
+def test_whole_network_config_changes_only_freezing_losses_cache_and_sam_rate(tmp_path):
     base = tiny_cfg(OUTPUT_DIR=str(tmp_path), **{"MODEL.DESSAM.EMBEDDING_CACHE_DIR": "cache"})
     cfg = whole_network_config(base)
     assert not cfg.MODEL.SAM.FREEZE_ENCODER and not cfg.MODEL.SAM.FREEZE_DECODER
@@ -17,7 +17,10 @@ def test_whole_network_config_changes_only_freezing_losses_and_cache(tmp_path):
     assert cfg.MODEL.DESSAM.LOSS_PROJECTION_WEIGHT == 1.0
     assert cfg.MODEL.DESSAM.EMBEDDING_CACHE_DIR == ""
     assert cfg.OUTPUT_DIR == str(tmp_path / "whole_network")
-    assert cfg.SOLVER == base.SOLVER and cfg.MODEL.ROI_HEADS == base.MODEL.ROI_HEADS
+    assert cfg.SOLVER.SAM_LR_FACTOR == 0.1  # SAM fine-tuned, not trained at the heads' rate
+    solver = cfg.SOLVER.clone()
+    solver.SAM_LR_FACTOR = base.SOLVER.SAM_LR_FACTOR
+    assert solver == base.SOLVER and cfg.MODEL.ROI_HEADS == base.MODEL.ROI_HEADS
 
 
 def test_whole_network_step_trains_the_encoder_and_runs_no_teacher():
