@@ -19,6 +19,7 @@ def test_whole_network_config_changes_only_freezing_losses_cache_and_sam_rate(tm
     assert cfg.OUTPUT_DIR == str(tmp_path / "whole_network")
     assert cfg.SOLVER.SAM_LR_FACTOR == 0.1  # SAM fine-tuned, not trained at the heads' rate
     solver = cfg.SOLVER.clone()
+    solver.defrost()
     solver.SAM_LR_FACTOR = base.SOLVER.SAM_LR_FACTOR
     assert solver == base.SOLVER and cfg.MODEL.ROI_HEADS == base.MODEL.ROI_HEADS
 
