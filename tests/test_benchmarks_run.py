@@ -12,9 +12,9 @@ import sys
 import pytest
 from conftest import DEMO, ROOT
 
-from benchmarks import run
+from benchmarks import report, run
 
-MODULES = ["measure", "phases", "report", "run", "peers", "peers_worker", "slides"]
+MODULES = ["measure", "phases", "report", "run", "peers", "peers_worker", "slides", "flops"]
 
 
 def test_every_module_imports_without_torch_or_output():
@@ -148,3 +148,34 @@ def test_arguments():
     assert (a.repeats, a.quick, a.bf16, a.phase) == (3, False, "auto", None)
     assert run.parse_args(["--quick"]).repeats == 1
     assert os.path.isfile(os.path.join(ROOT, a.config_file))
+
+
+def flops_output(peak16=None):
+    """What phase_flops returns (counts invented): 1e9 MACs a second in float32."""
+    infer = {"encoder": 4e9, "pyramid": 1e9, "rpn": 0, "box_head": 0, "mask_decoder": 1e9}
+    return {
+        "infer_100": {**infer, "rest": 0, "total": 6e9},
+        "infer_500": {**infer, "mask_decoder": 5e9, "rest": 0, "total": 10e9},
+        "train_cached": {**infer, "rest": 0, "forward": 2e9, "backward": 1e9, "total": 3e9},
+        "peak_macs_float32": 1e9,
+        "peak_macs_bfloat16": peak16,
+    }
+
+
+def test_each_phase_is_set_against_its_limit_at_the_best_native_precision():
+    a = run.parse_args(["--bf16", "never", "--threads", "2", "--repeats", "1"])
+    r = run.summarize(a, *phase_outputs(), peers={})
+    lim = run.limit_figures(r, flops_output())
+    # infer_100: 6 s measured against 6e9 MACs at 1e9/s; the cached step: 6 s against 3 s
+    assert lim["limit_ratio_infer_100"] == 1.0 and lim["limit_ratio_infer_500"] == 1.0
+    assert lim["limit_ratio_train_step_cached"] == 2.0 and lim["limit_ratio_encoder_float32"] == 1
+    assert lim["peak_gflops_float32"] == 2.0 and lim["peak_gflops_bfloat16"] is None
+    r["infer_100_bf16_s"] = 4.0  # bfloat16 native at twice the rate: 3 s of limit
+    lim = run.limit_figures(r, flops_output(peak16=2e9))
+    assert lim["limit_ratio_infer_100"] == pytest.approx(4 / 3)
+    assert lim["limit_ratio_infer_100_float32"] == 1.0
+    assert lim["limit_ratio_infer_500"] == 1.0  # no bfloat16 time: float32's
+    r.update(lim, wall_s=1.0)
+    phases = dict(zip(("train_uncached", "train_cached", "infer", "decoder"), phase_outputs()[1:]))
+    text = report.format_report(r, phases, 2, 1, "never", reference_nuclei=16)
+    assert "| inference, 100 nuclei, bfloat16 | 4.00 | 6.0 | 3.00 | 1.33 |" in text
