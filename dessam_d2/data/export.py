@@ -7,7 +7,6 @@ make one set. Where a label image is given, each box gets the mask of the label 
 of it, as an RLE ``segmentation``: for evaluation only, training reads the boxes alone.
 """
 
-import json
 import os
 from typing import Dict, List, Optional
 
@@ -15,8 +14,9 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-from ..errors import DatasetFormatError, UsageError
+from ..errors import UsageError
 from ..utils.io import atomic_write_bytes, atomic_write_json
+from .converters.user_datasets import read_coco_instances
 
 __all__ = ["ANNOTATIONS", "box_annotations", "check_boxes", "export_box_set"]
 
@@ -26,20 +26,7 @@ ANNOTATIONS = "annotations.json"
 def _read_set(path: str) -> Dict:
     if not os.path.exists(path):
         return {"images": [], "annotations": [], "categories": [{"id": 1, "name": "nucleus"}]}
-    try:
-        with open(path, encoding="utf-8") as f:
-            coco = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetFormatError(
-            f"{path} is not JSON ({e}): export into an empty folder, or delete the file"
-        ) from None
-    if not isinstance(coco, dict) or not all(
-        isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")
-    ):
-        raise DatasetFormatError(
-            f"{path} is not a COCO instances file: export into an empty folder instead"
-        )
-    return coco
+    return read_coco_instances(path, "export into an empty folder, or delete the file")
 
 
 def check_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -39,6 +39,13 @@ def _path_row(edit: QLineEdit, pick: Callable[[], str]) -> QHBoxLayout:
     return row
 
 
+def _button(form: QFormLayout, text: str, action: Callable[[], None]) -> QPushButton:
+    button = QPushButton(text)
+    button.clicked.connect(action)
+    form.addRow(button)
+    return button
+
+
 class DessamForm(QWidget):
     """The controls; a subclass provides the actions their buttons call (``load_model``,
     ``predict``, ``boxes_to_masks``, ``export``, ``train``, ``cancel``)."""
@@ -72,9 +79,7 @@ class DessamForm(QWidget):
         self.weights_edit.setPlaceholderText("none: the config's SAM as teacher")
         form.addRow("config", _path_row(self.config_edit, lambda: self._open_file("*.yaml")))
         form.addRow("weights", _path_row(self.weights_edit, lambda: self._open_file("*.pth")))
-        self.load_button = QPushButton("Load model")
-        self.load_button.clicked.connect(self.load_model)
-        form.addRow(self.load_button)
+        self.load_button = _button(form, "Load model", self.load_model)
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
         form.addRow(self.model_info)
@@ -86,15 +91,11 @@ class DessamForm(QWidget):
         self.image_combo = QComboBox()
         self.boxes_combo = QComboBox()
         form.addRow("image", self.image_combo)
-        self.predict_button = QPushButton("Predict nuclei")
-        self.predict_button.clicked.connect(self.predict)
-        form.addRow(self.predict_button)
+        self.predict_button = _button(form, "Predict nuclei", self.predict)
         form.addRow("boxes", self.boxes_combo)
         self.student_check = QCheckBox("trained student (else SAM as teacher)")
         form.addRow(self.student_check)
-        self.masks_button = QPushButton("Boxes → masks")
-        self.masks_button.clicked.connect(self.boxes_to_masks)
-        form.addRow(self.masks_button)
+        self.masks_button = _button(form, "Boxes → masks", self.boxes_to_masks)
         return box
 
     def _export_box(self) -> QGroupBox:
@@ -104,9 +105,7 @@ class DessamForm(QWidget):
         form.addRow("outlines", self.labels_combo)
         self.export_edit = QLineEdit("output/napari_boxes")
         form.addRow("box set", _path_row(self.export_edit, self._open_folder))
-        self.export_button = QPushButton("Export image + boxes")
-        self.export_button.clicked.connect(self.export)
-        form.addRow(self.export_button)
+        self.export_button = _button(form, "Export image + boxes", self.export)
         return box
 
     def _train_box(self) -> QGroupBox:
@@ -121,9 +120,7 @@ class DessamForm(QWidget):
         self.steps_spin.setRange(0, 100000)
         self.steps_spin.setSpecialValueText("the config's")
         form.addRow("steps", self.steps_spin)
-        self.train_button = QPushButton("Train, load and predict again")
-        self.train_button.clicked.connect(self.train)
-        form.addRow(self.train_button)
+        self.train_button = _button(form, "Train, load and predict again", self.train)
         return box
 
     def _open_file(self, pattern: str) -> str:

@@ -19,6 +19,7 @@ from ..datasets import register_nuclei_coco
 __all__ = [
     "parse_dataset_spec",
     "check_coco_file",
+    "read_coco_instances",
     "register_user_datasets",
     "require_outlines",
     "boxes_only",
@@ -40,6 +41,24 @@ def parse_dataset_spec(spec: str) -> Tuple[str, str, str]:
     return name, json_file, image_root or os.path.dirname(json_file) or "."
 
 
+def read_coco_instances(path: str, fix: str, prefix: str = "") -> Dict:
+    """``path`` read as COCO instances (a dict with the lists images, annotations, categories);
+    otherwise a one-line ``DatasetFormatError``: ``prefix``, what is wrong, then ``fix``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            coco = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetFormatError(f"{prefix}{path} is not JSON ({e}); {fix}") from None
+    if not isinstance(coco, dict) or not all(
+        isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")
+    ):
+        raise DatasetFormatError(
+            f"{prefix}{path} is not a COCO instances file (it needs the lists 'images', "
+            f"'annotations' and 'categories'); {fix}"
+        )
+    return coco
+
+
 def check_coco_file(name: str, json_file: str, image_root: str) -> Dict:
     """Read ``json_file`` and check it is COCO instances whose images exist under
     ``image_root``; a one-line ``DatasetFormatError`` / ``DatasetNotFoundError`` otherwise."""
@@ -48,22 +67,9 @@ def check_coco_file(name: str, json_file: str, image_root: str) -> Dict:
             f"--dataset {name}: {json_file} not found; give the path of the COCO file your "
             "annotation tool exported"
         )
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            coco = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetFormatError(
-            f"--dataset {name}: {json_file} is not JSON ({e}); export COCO from your annotation "
-            "tool, or convert QuPath GeoJSON with tools/import_qupath.py"
-        ) from None
-    if not isinstance(coco, dict) or not all(
-        isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")
-    ):
-        raise DatasetFormatError(
-            f"--dataset {name}: {json_file} is not a COCO instances file (it needs the lists "
-            "'images', 'annotations' and 'categories'); export COCO from your annotation tool, "
-            "or convert QuPath GeoJSON with tools/import_qupath.py"
-        )
+    fix = "export COCO from your annotation tool, or convert QuPath GeoJSON with "
+    fix += "tools/import_qupath.py"
+    coco = read_coco_instances(json_file, fix, prefix=f"--dataset {name}: ")
     if not coco["images"]:
         raise DatasetFormatError(f"--dataset {name}: {json_file} lists no images")
     if not os.path.isdir(image_root):
