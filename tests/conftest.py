@@ -129,11 +129,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# The longest test (a 312-step training and a prediction, minutes): run first, so that with
+# `-n 2` the other worker fills the time with the rest instead of one worker running it alone
+# at the end.
+LONGEST_FIRST = ("test_e2e_user_dataset.py",)
+
+
 def pytest_collection_modifyitems(config, items):
     # tests/test_e2e_*.py run the tools or training end to end: `pytest -m "not e2e"` skips them
     for item in items:
         if os.path.basename(str(item.fspath)).startswith("test_e2e_"):
             item.add_marker(pytest.mark.e2e)
+    items.sort(key=lambda item: os.path.basename(str(item.fspath)) not in LONGEST_FIRST)
 
 
 @pytest.fixture
