@@ -229,3 +229,19 @@ def test_bad_input_is_one_line_notification(plugin, checkpoint, tmp_path):
     widget.train_button.click()
     assert errors(widget)[-1].startswith("no box set to train on")
     assert isinstance(widget.session.weights, str)  # the model loaded before is kept
+
+
+def test_file_save_writes_a_boxes_layer_as_coco_and_file_open_reads_it(plugin, tmp_path):
+    viewer, widget, run = plugin
+    image, boxes, _ = field()
+    cv2.imwrite(str(tmp_path / "field.png"), image[:, :, ::-1])
+    viewer.add_image(image, name="field", rgb=True)
+    drawn = viewer.add_shapes(boxes_to_rectangles(boxes), shape_type="rectangle", name="drawn")
+    drawn.metadata["dessam_image"] = {"file_name": "field.png", "height": 256, "width": 256}
+    viewer.layers.selection.active = drawn
+    (written,) = viewer.layers.save(str(tmp_path / "boxes.json"), selected=True, plugin="dessam-d2")
+    coco = json.load(open(written))
+    assert coco["images"][0]["file_name"] == "field.png" and len(coco["annotations"]) == len(boxes)
+    opened = viewer.open(written, plugin="dessam-d2")
+    assert [type(layer).__name__ for layer in opened] == ["Image", "Shapes"]
+    assert np.allclose(rectangles_to_boxes(opened[1].data), boxes)
