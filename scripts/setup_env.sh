@@ -7,7 +7,7 @@ cd "$root"
 VENV=${VENV:-.venv}
 # The napari plugin's tests open real windows under Xvfb with Mesa's software OpenGL, and Qt 6
 # needs the X client libraries: Debian's packages, installed once (as root, or say what to do).
-GUI_PACKAGES="xvfb xauth libgl1-mesa-dri libegl1 libglx-mesa0 libdbus-1-3 libfontconfig1 \
+GUI_PACKAGES="xvfb xauth xfonts-base libgl1-mesa-dri libegl1 libglx-mesa0 libdbus-1-3 libfontconfig1 \
 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 \
 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1"
 # shellcheck disable=SC2086
