@@ -10,13 +10,13 @@ of it, as an RLE ``segmentation``: for evaluation only, training reads the boxes
 import os
 from typing import Dict, List, Optional
 
-import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
 from ..errors import UsageError
-from ..utils.io import atomic_write_bytes, atomic_write_json
+from ..utils.io import atomic_write_json
 from .converters.user_datasets import read_coco_instances
+from .image_io import write_image_rgb
 
 __all__ = ["ANNOTATIONS", "box_annotations", "check_boxes", "export_box_set"]
 
@@ -123,9 +123,6 @@ def export_box_set(
         coco["categories"] = [{"id": 1, "name": "nucleus"}]
     coco["annotations"] += box_annotations(boxes, image_id, ann_id, category, labels)
     coco["images"].append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-    ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError("OpenCV could not encode a PNG")
-    atomic_write_bytes(os.path.join(folder, file_name), png.tobytes())
+    write_image_rgb(os.path.join(folder, file_name), image)
     atomic_write_json(path, coco)
     return path

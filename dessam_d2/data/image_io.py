@@ -23,8 +23,9 @@ import tifffile
 from PIL import Image, ImageOps
 
 from ..errors import ImageNotFoundError, ImageReadError
+from ..utils.io import atomic_write_bytes
 
-__all__ = ["read_image_rgb", "array_to_rgb", "to_uint8"]
+__all__ = ["read_image_rgb", "array_to_rgb", "to_uint8", "write_image_rgb"]
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # Pillow modes whose pixels np.asarray returns faithfully (other modes are converted first).
@@ -107,6 +108,14 @@ def array_to_rgb(array: np.ndarray, name: str = "image") -> np.ndarray:
     """An image array already in memory (e.g. a napari layer's data) as H x W x 3 uint8 RGB,
     by the same conversions as ``read_image_rgb``; ``name`` is what an error calls it."""
     return _to_rgb(np.asarray(array), name)
+
+
+def write_image_rgb(path: str, image: np.ndarray) -> None:
+    """Write an H x W x 3 uint8 RGB image as PNG, atomically (a temporary name, then renamed)."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode {path} as PNG")
+    atomic_write_bytes(path, png.tobytes())
 
 
 def read_image_rgb(path: Union[str, os.PathLike]) -> np.ndarray:

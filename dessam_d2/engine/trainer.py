@@ -19,7 +19,8 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from typing import List
+from types import SimpleNamespace
+from typing import List, Sequence
 
 import torch
 from detectron2.config import CfgNode
@@ -59,7 +60,7 @@ from .hooks import (
     TokenStatsHook,
 )
 
-__all__ = ["Trainer", "setup", "set_deterministic"]
+__all__ = ["Trainer", "setup", "setup_run", "set_deterministic"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,12 @@ def set_deterministic(cfg: CfgNode) -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+def setup_run(config_file: str, opts: Sequence[str] = (), eval_only: bool = False) -> CfgNode:
+    """``setup`` for a run started from Python, not a command line (the napari plugin's Train):
+    the same config, anchor fit, schedule and logging."""
+    return setup(SimpleNamespace(config_file=config_file, opts=list(opts), eval_only=eval_only))
 
 
 def setup(args) -> CfgNode:

@@ -8,7 +8,6 @@ are read. ``on_step(step, total)`` is called after every step, and ``should_stop
 run after the current step (``TrainingStopped``; no final weights are written).
 """
 
-import argparse
 import hashlib
 import os
 from typing import Callable, Sequence
@@ -61,7 +60,8 @@ def train_on_box_sets(
     ``model_final.pth`` (its config: ``output_dir/config.yaml``)."""
     from ..config import user_dataset_options
     from ..data.converters.user_datasets import register_user_datasets
-    from ..engine import Trainer, setup
+    from ..engine import Trainer
+    from ..engine.trainer import setup_run
 
     if not json_files:
         raise UsageError("no box set to train on: export at least one image with its boxes")
@@ -73,10 +73,7 @@ def train_on_box_sets(
         # the loader's worker processes would fork a GUI's process: load in this thread
         + ["DATALOADER.NUM_WORKERS", "0"]
     )
-    args = argparse.Namespace(
-        config_file=config_file, opts=opts, eval_only=False, resume=False, deterministic=False
-    )
-    cfg = setup(args)
+    cfg = setup_run(config_file, opts)
     trainer = Trainer(cfg)
     trainer.register_hooks([_StepHook(on_step, should_stop)])
     trainer.resume_or_load(resume=False)

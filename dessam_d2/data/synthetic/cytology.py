@@ -25,9 +25,10 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 from ...errors import UsageError
-from ...utils.io import atomic_write_bytes, atomic_write_json
+from ...utils.io import atomic_write_json
 from ..converters.conversion import nucleus_categories
 from ..datasets import default_dataset_root
+from ..image_io import write_image_rgb
 
 __all__ = [
     "MIN_VISIBLE_AREA",
@@ -271,9 +272,7 @@ def generate_synthetic_dataset(
             np.random.default_rng(child), (h, w), nuclei_per_image, nucleus_radius, style
         )
         file_name = f"{index:05d}.png"
-        ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        assert ok, "OpenCV could not encode a PNG"
-        atomic_write_bytes(os.path.join(image_dir, file_name), png.tobytes())
+        write_image_rgb(os.path.join(image_dir, file_name), image)
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
         for mask in masks:

@@ -35,8 +35,9 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 from ...errors import UsageError
-from ...utils.io import atomic_write_bytes, atomic_write_json
+from ...utils.io import atomic_write_json
 from ..converters.conversion import nucleus_categories
+from ..image_io import write_image_rgb
 
 __all__ = [
     "MIN_VISIBLE_AREA",
@@ -328,9 +329,7 @@ def generate_fluorescence_dataset(
             np.random.default_rng(child), (h, w), nuclei_per_image, nucleus_diameter, channel
         )
         file_name = f"dapi_field_{first_index + index:02d}.png"
-        ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-        assert ok, "OpenCV could not encode a PNG"
-        atomic_write_bytes(os.path.join(image_dir, file_name), png.tobytes())
+        write_image_rgb(os.path.join(image_dir, file_name), rgb)
         images.append({"id": index + 1, "width": w, "height": h, "file_name": file_name})
         masks += [(index + 1, m) for m in image_masks]
     info = {
