@@ -117,13 +117,15 @@ def add_dessam_config(cfg: CN) -> None:
     _C.MODEL.DESSAM.EMBEDDING_CACHE_MAX_GB = 20.0
     # Decode box prompts with the image-side work shared (same outputs as SAM's MaskDecoder).
     _C.MODEL.DESSAM.FAST_DECODER = True
-    # Inference-only decoder precision: "float32" (paper) or "bfloat16" (faster on AVX512-BF16).
-    _C.MODEL.DESSAM.DECODER_INFERENCE_DTYPE = "float32"
+    # Inference-only decoder precision: "auto" = INFERENCE_DTYPE's when that is bfloat16, else
+    # float32; "float32" (paper); "bfloat16".
+    _C.MODEL.DESSAM.DECODER_INFERENCE_DTYPE = "auto"
     # Inference precision of the encoder, pyramid, RPN and box head: "auto" = bfloat16 on a CPU
     # with native bfloat16 (AVX512-BF16, AMX, Arm BF16) or on CUDA, float32 elsewhere (emulated
-    # bfloat16 is ~10x slower); "float32"; "bfloat16". SAM's mask decoder follows
-    # DECODER_INFERENCE_DTYPE (bfloat16 moves its outlines more). Training is float32; outputs
-    # are float32 either way.
+    # bfloat16 is ~10x slower); "float32"; "bfloat16"; "int8" (opt-in, CPU only: the encoder's
+    # linear layers dynamically quantised, the rest float32; for CPUs without native bfloat16).
+    # SAM's mask decoder follows DECODER_INFERENCE_DTYPE. Training is float32; outputs are
+    # float32 either way.
     _C.MODEL.DESSAM.INFERENCE_DTYPE = "auto"
 
     # Inference thresholds of the authors' release (PatchSeg; ClusterSeg: NMS 0.2), nuclei cap.
@@ -188,8 +190,8 @@ CHOICES = {
     "MODEL.DESSAM.STUDENT_PROMPTS": ("predicted", "proposals"),
     "MODEL.DESSAM.PAIRWISE_LOSS": ("boxsnake", "boxinst"),
     "MODEL.DESSAM.EMBEDDING_CACHE_DTYPE": ("float16", "bfloat16", "float32"),
-    "MODEL.DESSAM.DECODER_INFERENCE_DTYPE": ("float32", "bfloat16"),
-    "MODEL.DESSAM.INFERENCE_DTYPE": ("auto", "float32", "bfloat16"),
+    "MODEL.DESSAM.DECODER_INFERENCE_DTYPE": ("auto", "float32", "bfloat16"),
+    "MODEL.DESSAM.INFERENCE_DTYPE": ("auto", "float32", "bfloat16", "int8"),
     "INPUT.FORMAT": ("RGB", "BGR"),
     "INPUT.RANDOM_FLIP": ("none", "horizontal", "vertical", "both"),
     "SOLVER.OPTIMIZER": ("SGD", "ADAMW"),

@@ -113,6 +113,7 @@ DEMO_SIZE_AND_SCHEDULE = (
     "MODEL.RPN.PRE_NMS_TOPK_",
     "MODEL.ROI_HEADS.IN_FEATURES",
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "MODEL.ROI_HEADS.POSITIVE_FRACTION",  # 32 positive RoIs an image (the paper's: 128)
     "MODEL.ROI_BOX_HEAD.CONV_DIM",
     "MODEL.ROI_BOX_HEAD.FC_DIM",
     "MODEL.DESSAM.MAX_TRAIN_MASKS_PER_IMAGE",
@@ -192,12 +193,13 @@ def test_the_words_are_those_the_modules_accept():
     from dessam_d2.modeling.embedding_cache import _DTYPES
     from dessam_d2.modeling.losses import DISTILL_REDUCTIONS
     from dessam_d2.modeling.meta_arch import INFERENCE_DTYPES
+    from dessam_d2.modeling.prompt_mask_head import DECODER_DTYPES
     from dessam_d2.modeling.roi_heads import STUDENT_PROMPTS
     from dessam_d2.modeling.sam_backbone import SAM_VARIANTS
 
     assert set(CHOICES["MODEL.SAM.VARIANT"]) == set(SAM_VARIANTS) | {"custom"}
     assert set(CHOICES["MODEL.DESSAM.INFERENCE_DTYPE"]) == set(INFERENCE_DTYPES) | {"auto"}
-    assert set(CHOICES["MODEL.DESSAM.DECODER_INFERENCE_DTYPE"]) == set(INFERENCE_DTYPES)
+    assert set(CHOICES["MODEL.DESSAM.DECODER_INFERENCE_DTYPE"]) == set(DECODER_DTYPES)
     assert set(CHOICES["MODEL.DESSAM.EMBEDDING_CACHE_DTYPE"]) == set(_DTYPES)
     assert set(CHOICES["MODEL.DESSAM.DISTILL_REDUCTION"]) == set(DISTILL_REDUCTIONS)
     assert set(CHOICES["MODEL.DESSAM.STUDENT_PROMPTS"]) == set(STUDENT_PROMPTS)

@@ -22,6 +22,7 @@ from torch.profiler import record_function
 from ..errors import ConfigError
 from .embedding_cache import EmbeddingCache, cached_encode, encoder_fingerprint, weights_state
 from .postprocess import detections_to_original
+from .quantize import quantize_linear_int8
 from .sam_weights import load_sam_checkpoint
 from .settings import DetectorSettings
 
@@ -30,7 +31,9 @@ logger = logging.getLogger(__name__)
 # Loss terms of L_dect (Eq. 1, plus the RPN's), scaled by lambda_dect.
 DETECTION_LOSSES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg")
 
-INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# "int8": SAM's encoder with its linear layers dynamically quantised (quantize.py), the rest in
+# float32; torch.qint8 stands for it (no autocast).
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.qint8}
 # torch.cpu.get_capabilities() flags of a CPU that computes in bfloat16 natively (x86: AVX512-BF16,
 # AMX; Arm: the BF16 and SVE-BF16 extensions). Elsewhere bfloat16 is emulated with float32
 # arithmetic and conversions, which is slower than float32 (docs/PERFORMANCE.md: measured on AVX2).
@@ -47,15 +50,22 @@ def cpu_has_native_bf16(capabilities: Optional[Mapping] = None) -> bool:
 
 
 def resolve_inference_dtype(setting: str, device) -> torch.dtype:
-    """MODEL.DESSAM.INFERENCE_DTYPE on a device: "float32", "bfloat16", or "auto" = bfloat16 on
-    CUDA (where supported) and on a CPU with native bfloat16, float32 elsewhere."""
+    """MODEL.DESSAM.INFERENCE_DTYPE on a device: "float32", "bfloat16", "int8" (CPU only:
+    ``torch.qint8``), or "auto" = bfloat16 on CUDA (where supported) and on a CPU with native
+    bfloat16, float32 elsewhere ("auto" never picks int8: it is opt-in)."""
+    device = torch.device(device)
+    if setting == "int8" and device.type != "cpu":
+        raise ConfigError(
+            f"MODEL.DESSAM.INFERENCE_DTYPE=int8 runs on a CPU only, not on {device.type}: use "
+            "'auto' or 'bfloat16' there"
+        )
     if setting in INFERENCE_DTYPES:
         return INFERENCE_DTYPES[setting]
     if setting != "auto":
         raise ConfigError(
-            f"MODEL.DESSAM.INFERENCE_DTYPE={setting!r}: use 'auto', 'float32' or 'bfloat16'"
+            f"MODEL.DESSAM.INFERENCE_DTYPE={setting!r}: use 'auto', 'float32', 'bfloat16' or "
+            "'int8'"
         )
-    device = torch.device(device)
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
     else:
@@ -117,6 +127,7 @@ class DESSAM(DetectorSettings, nn.Module):
                 embedding_cache_dir, embedding_cache_dtype, embedding_cache_max_gb
             )
         self._fingerprint, self._fingerprint_state, self._cache_logged = "", None, time.time()
+        self._int8_encoder: Optional[tuple] = None  # (weights state, quantised copy)
         self.set_inference_dtype(inference_dtype)
         trainable, frozen = count_parameters(self)
         logger.info(
@@ -172,8 +183,9 @@ class DESSAM(DetectorSettings, nn.Module):
         return self.mask_head.set_tokens_at_inference(enabled)
 
     def set_inference_dtype(self, setting: str, decoder: Optional[str] = None) -> None:
-        """MODEL.DESSAM.INFERENCE_DTYPE: "auto", "float32" or "bfloat16"; and, if given,
-        MODEL.DESSAM.DECODER_INFERENCE_DTYPE (``decoder``): "float32" or "bfloat16"."""
+        """MODEL.DESSAM.INFERENCE_DTYPE: "auto", "float32", "bfloat16" or "int8"; and, if given,
+        MODEL.DESSAM.DECODER_INFERENCE_DTYPE (``decoder``): "auto" (the model's bfloat16 when
+        it runs in bfloat16, float32 otherwise), "float32" or "bfloat16"."""
         resolve_inference_dtype(setting, "cpu")  # reject a wrong value now
         if decoder is not None:
             self.mask_head.set_decoding(inference_dtype=decoder)
@@ -191,15 +203,18 @@ class DESSAM(DetectorSettings, nn.Module):
                 native = dtype == torch.bfloat16
                 why = f" (auto: {'native' if native else 'no native'} bfloat16 on {device.type})"
             decoder = self.mask_head.inference_dtype
+            if decoder == "auto":
+                decoder = "bfloat16" if dtype == torch.bfloat16 else "float32"
+            name = {torch.qint8: "int8 (SAM encoder's linear layers; the rest float32)"}
             logger.info(
-                f"DESSAM inference runs in {str(dtype)[6:]}{why}, SAM's mask decoder in "
-                f"{decoder} (MODEL.DESSAM.DECODER_INFERENCE_DTYPE)"
+                f"DESSAM inference runs in {name.get(dtype, str(dtype)[6:])}{why}, SAM's mask "
+                f"decoder in {decoder} (MODEL.DESSAM.DECODER_INFERENCE_DTYPE)"
             )
         return self._inference_dtype[1]
 
     def autocast(self, dtype: torch.dtype):
-        """bfloat16 autocast on this model's device, or nothing for float32."""
-        if dtype == torch.float32:
+        """bfloat16 autocast on this model's device, or nothing for float32 and int8."""
+        if dtype != torch.bfloat16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype)
 
@@ -271,9 +286,22 @@ class DESSAM(DetectorSettings, nn.Module):
 
     def encode(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """SAM's encoder on B x 3 x S x S normalised images, computed in ``dtype`` (bfloat16:
-        autocast, the weights stay float32), returned in float32."""
+        autocast, the weights stay float32; ``torch.qint8``: an int8 copy of its linear layers,
+        quantize.py), returned in float32."""
+        if dtype == torch.qint8:
+            return self.image_encoder.encode(images, encoder=self.int8_encoder()).float()
         with self.autocast(dtype):
             return self.backbone.encode(images).float()
+
+    def int8_encoder(self) -> nn.Module:
+        """The encoder's int8 copy (built on first use, and again when its weights changed)."""
+        encoder = self.image_encoder.encoder
+        state = weights_state(encoder)
+        if self._int8_encoder is None or self._int8_encoder[0] != state:
+            t = time.perf_counter()
+            self._int8_encoder = (state, quantize_linear_int8(encoder))
+            logger.info(f"SAM encoder quantised to int8 ({time.perf_counter() - t:.2f} s)")
+        return self._int8_encoder[1]
 
     def encoder_fingerprint(self) -> str:
         """Hash of the encoder's weights and of the preprocessing in front of it; recomputed
@@ -333,7 +361,8 @@ class DESSAM(DetectorSettings, nn.Module):
 
         Computes in ``inference_dtype()``: under bfloat16 the encoder, pyramid, RPN and box head
         run in bfloat16 autocast, SAM's mask decoder in MODEL.DESSAM.DECODER_INFERENCE_DTYPE
-        (float32 by default, see SAMPromptMaskHead.decode); every output is float32. Each part
+        ("auto": bfloat16 too, see SAMPromptMaskHead.decode); under int8 the encoder's linear
+        layers run in int8, the rest in float32; every output is float32. Each part
         runs under a ``torch.profiler.record_function`` label "dessam/<part>"
         (benchmarks/measure.py).
         """
@@ -371,7 +400,8 @@ class DESSAM(DetectorSettings, nn.Module):
             r.pred_boxes = Boxes(b)
             r.scores = torch.ones(len(b), device=self.device)
             r.pred_classes = torch.zeros(len(b), dtype=torch.int64, device=self.device)
-            r.pred_mask_logits = self.mask_head.decode(emb[None], b, student=student)
+            with self.autocast(dtype):  # DECODER_INFERENCE_DTYPE auto follows the model
+                r.pred_mask_logits = self.mask_head.decode(emb[None], b, student=student)
             outputs.append({"instances": self.postprocess(r, x, size)})
         return outputs
 

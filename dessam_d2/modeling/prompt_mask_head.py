@@ -48,9 +48,13 @@ def build_sam_prompt_modules(
     return prompt_encoder, mask_decoder
 
 
+# MODEL.DESSAM.DECODER_INFERENCE_DTYPE: "auto" follows the model's bfloat16 autocast (decode).
+DECODER_DTYPES = ("auto", "float32", "bfloat16")
+
+
 def checked_decoder_dtype(setting: str) -> str:
-    if setting not in ("float32", "bfloat16"):
-        raise ConfigError(f"decoder inference dtype {setting!r}: float32 or bfloat16")
+    if setting not in DECODER_DTYPES:
+        raise ConfigError(f"decoder inference dtype {setting!r}: auto, float32 or bfloat16")
     return setting
 
 
@@ -227,10 +231,11 @@ class SAMPromptMaskHead(nn.Module):
 
         Returns N x 1 x 4h x 4w. Boxes go through the decoder ``chunk_size`` at a time. With
         ``fast_decoder`` the image-side work all prompts share is done once per call
-        (fast_decoder.py; same outputs up to float rounding). In inference, the decoder runs in
-        bfloat16 if ``inference_dtype`` (MODEL.DESSAM.DECODER_INFERENCE_DTYPE) says so, and in
-        float32 otherwise, also when called under the model's bfloat16 autocast
-        (MODEL.DESSAM.INFERENCE_DTYPE): in bfloat16 it moves mask outlines by a pixel or more
+        (fast_decoder.py; same outputs up to float rounding). In inference the decoder runs in
+        ``inference_dtype`` (MODEL.DESSAM.DECODER_INFERENCE_DTYPE): "bfloat16", "float32" (also
+        under the model's bfloat16 autocast), or "auto": as called, i.e. in bfloat16 under the
+        model's bfloat16 autocast (MODEL.DESSAM.INFERENCE_DTYPE) and in float32 otherwise.
+        bfloat16 moves a few border pixels of the smallest masks
         (tests/test_modeling_meta_arch_inference_dtype.py). Training is left as called: the
         teacher's targets and the student's gradients are float32. Returns float32 logits.
         """
@@ -238,7 +243,7 @@ class SAMPromptMaskHead(nn.Module):
             side = 4 * embedding.shape[-1]
             return embedding.new_zeros(0, 1, side, side)
         device = embedding.device.type
-        if self.training:
+        if self.training or self.inference_dtype == "auto":
             precision = contextlib.nullcontext()
         elif self.inference_dtype == "bfloat16":
             precision = torch.autocast(device, torch.bfloat16)

@@ -1,7 +1,7 @@
 """SAM's image encoder as a Detectron2 Backbone, and the SimpleFeaturePyramid built on it."""
 
 from functools import partial
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode
@@ -96,13 +96,17 @@ class SAMImageEncoder(Backbone):
             self.encoder.eval()
         return self
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """B x 3 x S x S normalised images -> B x C x S/p x S/p embeddings."""
+    def encode(self, images: torch.Tensor, encoder: Optional[nn.Module] = None) -> torch.Tensor:
+        """B x 3 x S x S normalised images -> B x C x S/p x S/p embeddings, by SAM's encoder or
+        by ``encoder`` (a copy of it, e.g. the int8 one of quantize.py, run without grad)."""
         if images.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(
                 f"SAM's encoder takes {self.img_size}x{self.img_size} inputs, got "
                 f"{tuple(images.shape[-2:])}: resize the longest side and pad first"
             )
+        if encoder is not None:
+            with torch.no_grad():
+                return encoder(images)
         if self.frozen:
             with torch.no_grad():
                 return self.encoder(images)
