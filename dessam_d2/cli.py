@@ -90,6 +90,25 @@ def run_cli(main: Callable, *args):
         sys.exit(e.exit_code)
 
 
+# The prediction tools' --dtype: MODEL.DESSAM.INFERENCE_DTYPE for them (training and --eval-only
+# keep the config's; the paper configs' is float32, as the authors ran it).
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+
+
+def add_precision_argument(parser) -> None:
+    """``--dtype``: the precision predictions compute in (default auto)."""
+    parser.add_argument(
+        "--dtype",
+        choices=PRECISIONS,
+        default="auto",
+        help="inference precision: auto (default) = bfloat16 end to end where the CPU or GPU has "
+        "it natively (AVX512-BF16, AMX, Arm BF16, CUDA), float32 elsewhere; float32 (the "
+        "paper's); bfloat16; int8 (CPU only: SAM's encoder quantised, for CPUs without native "
+        "bfloat16); a MODEL.DESSAM.INFERENCE_DTYPE override after it wins "
+        "(dessam_d2.config.precision_opts)",
+    )
+
+
 # Detectron2's launch options and their defaults (one process on one machine)
 LAUNCH_DEFAULTS = {"--num-gpus": 1, "--num-machines": 1, "--machine-rank": 0, "--dist-url": "auto"}
 

@@ -28,6 +28,7 @@ __all__ = [
     "score_thresholds_per_test_set",
     "score_threshold_of",
     "user_dataset_options",
+    "precision_opts",
 ]
 
 
@@ -316,3 +317,10 @@ def user_dataset_options(opts: Sequence[str]) -> List[str]:
     if "TEST.SCORE_THRESH_AUTO" not in keys:
         out += ["TEST.SCORE_THRESH_AUTO", "True"]
     return out + list(opts)
+
+
+def precision_opts(dtype: str) -> List[str]:
+    """Config overrides that make inference compute in ``dtype`` (MODEL.DESSAM.INFERENCE_DTYPE,
+    the decoder following it): the prediction tools' ``--dtype`` and the plugin's; they go
+    before the user's own overrides, which then win."""
+    return ["MODEL.DESSAM.INFERENCE_DTYPE", dtype, "MODEL.DESSAM.DECODER_INFERENCE_DTYPE", "auto"]

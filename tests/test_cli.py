@@ -96,3 +96,32 @@ def test_only_the_launch_options_given_reach_a_child_run():
     assert launch_flags(parser.parse_args([])) == []
     args = parser.parse_args(["--num-gpus", "4", "--machine-rank", "1", "--num-machines", "2"])
     assert launch_flags(args) == ["--num-gpus", "4", "--num-machines", "2", "--machine-rank", "1"]
+
+
+def test_the_prediction_tools_dtype_is_auto_unless_asked_and_a_config_override_wins():
+    import importlib.util
+
+    from dessam_d2.cli import PRECISIONS
+    from dessam_d2.config import CHOICES, load_config, precision_opts
+
+    assert set(PRECISIONS) == set(CHOICES["MODEL.DESSAM.INFERENCE_DTYPE"])
+    for tool in ("predict", "boxes_to_masks"):
+        spec = importlib.util.spec_from_file_location(tool, os.path.join(ROOT, f"tools/{tool}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        required = ["--config-file", "c.yaml", "--output", "o"]
+        required += ["--input", "i.png"] if tool == "predict" else ["--annotations", "a.json"]
+        required += [] if tool == "predict" else ["--image-root", "."]
+        assert module.parse_args(required).dtype == "auto"
+        assert module.parse_args(required + ["--dtype", "int8"]).dtype == "int8"
+    paper = os.path.join(ROOT, "configs/dessam_clusterseg.yaml")
+    assert load_config(paper).MODEL.DESSAM.INFERENCE_DTYPE == "float32"  # evaluation: the paper's
+    cfg = load_config(paper, precision_opts("auto"))
+    assert (cfg.MODEL.DESSAM.INFERENCE_DTYPE, cfg.MODEL.DESSAM.DECODER_INFERENCE_DTYPE) == (
+        "auto",
+        "auto",
+    )
+    user = ["MODEL.DESSAM.INFERENCE_DTYPE", "float32"]
+    assert load_config(paper, precision_opts("auto") + user).MODEL.DESSAM.INFERENCE_DTYPE == (
+        "float32"
+    )

@@ -11,7 +11,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from dessam_d2.config import load_config
+from dessam_d2.config import load_config, precision_opts
 from dessam_d2.data.synthetic.cytology import generate_synthetic_dataset
 from dessam_d2.inference.annotate import boxes_to_masks
 from dessam_d2.inference.predictor import Predictor
@@ -71,7 +71,9 @@ def test_boxes_to_masks_command(weights_and_images, tmp_path):
     assert len(written) == n_boxes
     # --student reaches the model: the file equals the student's masks computed in-process
     # from the same weights, and differs from the teacher's.
-    model = load_model(load_config("configs/dessam_demo.yaml", OVERRIDES), str(weights))
+    # (the tool's default --dtype auto: bfloat16 where this CPU has it natively)
+    cfg = load_config("configs/dessam_demo.yaml", precision_opts("auto") + OVERRIDES)
+    model = load_model(cfg, str(weights))
     expected = {}
     for student in (True, False):
         path = tmp_path / f"in_process_{student}.json"

@@ -15,6 +15,7 @@ import pytest
 from conftest import DEMO, ROOT
 from plugin_fixtures import field, write_checkpoint
 
+from dessam_d2.modeling.meta_arch import cpu_has_native_bf16
 from dessam_d2.plugin.layers import boxes_to_rectangles, rectangles_to_boxes
 
 napari = pytest.importorskip("napari", reason="the napari extra: pip install -e .[napari]")
@@ -65,7 +66,11 @@ def test_predict_gives_a_label_per_detection_with_its_table(plugin, checkpoint, 
     image, _, _ = field()
     viewer.add_image(image, name="field", rgb=True)
     load(widget, run, *checkpoint)
-    assert "fitted" not in widget.model_info.text() and "float32" in widget.model_info.text()
+    # predict.py's default precision (auto): bfloat16 where this CPU has it natively
+    dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert (
+        "fitted" not in widget.model_info.text() and f"dtype: {dtype}" in widget.model_info.text()
+    )
     run(widget.predict_button)
     assert not errors(widget), errors(widget)
     labels, boxes = viewer.layers["field nuclei"], viewer.layers["field boxes"]

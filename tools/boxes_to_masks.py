@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from dessam_d2.cli import exit_status, run_cli
+from dessam_d2.cli import add_precision_argument, exit_status, run_cli
 
 
 def parse_args(argv=None):
@@ -29,6 +29,7 @@ def parse_args(argv=None):
         help="allow running without trained or SAM weights (an untrained model: tests)",
     )
     p.add_argument("--overwrite", action="store_true", help="ignore an interrupted run's progress")
+    add_precision_argument(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p.parse_args(argv)
 
@@ -36,13 +37,13 @@ def parse_args(argv=None):
 def main(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     # Imported here, after parsing: --help and usage errors need no torch.
-    from dessam_d2.config import load_config
+    from dessam_d2.config import load_config, precision_opts
     from dessam_d2.inference.annotate import boxes_to_masks
     from dessam_d2.inference.predictor import Predictor
     from dessam_d2.inference.weights import resolve_weights
     from dessam_d2.modeling.checkpointer import load_model
 
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file, precision_opts(args.dtype) + list(args.opts))
     # The teacher needs only SAM's weights; the student needs a trained DES-SAM.
     has_sam = bool(cfg.MODEL.SAM.CHECKPOINT) and not args.student
     flag = "--weights output/<run>/model_final.pth"

@@ -23,7 +23,13 @@ import logging
 import sys
 from datetime import timedelta
 
-from dessam_d2.cli import EXIT_USER_ERROR, add_launch_arguments, exit_status, launch_cli
+from dessam_d2.cli import (
+    EXIT_USER_ERROR,
+    add_launch_arguments,
+    add_precision_argument,
+    exit_status,
+    launch_cli,
+)
 from dessam_d2.inference.arguments import add_slide_arguments
 
 # Process 0 alone assembles each slide and writes the COCO results while the others wait (at
@@ -74,6 +80,7 @@ def parse_args(argv=None):
     )
     add_slide_arguments(p)  # whole-slide images: dessam_d2/inference/slides/
     add_launch_arguments(p)
+    add_precision_argument(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p.parse_args(argv)  # fmt: skip
 
@@ -93,7 +100,7 @@ def main(args) -> int:
     import torch
     from detectron2.utils import comm
 
-    from dessam_d2.config import load_config
+    from dessam_d2.config import load_config, precision_opts
     from dessam_d2.inference.images import predict_images
     from dessam_d2.inference.inputs import split_slides
     from dessam_d2.inference.predictor import Predictor
@@ -101,7 +108,7 @@ def main(args) -> int:
     from dessam_d2.inference.weights import resolve_weights
     from dessam_d2.modeling.checkpointer import load_model
 
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file, precision_opts(args.dtype) + list(args.opts))
     slides, images = split_slides(args.input)  # whole-slide images: dessam_d2/inference/slides/
     flag = "--weights output/<run>/model_final.pth"
     weights = resolve_weights(cfg, args.weights, args.random_weights, args.config_file, flag)

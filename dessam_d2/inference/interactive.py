@@ -78,12 +78,14 @@ def load_session(
     tile_overlap: Optional[int] = None,
     clean_masks: bool = True,
     min_area: int = RELEASE_MIN_AREA,
+    dtype: str = "auto",
 ) -> Session:
     """Build the model of ``config_file`` (with ``opts``) and load ``weights`` (a trained
     DES-SAM; default MODEL.WEIGHTS). Without either, the config's MODEL.SAM.CHECKPOINT alone is
     loaded: the teacher. Every wrong file is a one-line ``UserError``; the predictor cleans
-    masks as ``tools/predict.py`` does by default."""
-    from ..config import load_config
+    masks and computes in ``dtype`` (MODEL.DESSAM.INFERENCE_DTYPE; ``opts`` win) as
+    ``tools/predict.py`` does by default."""
+    from ..config import load_config, precision_opts
     from ..modeling.checkpointer import load_model
 
     if not config_file or not os.path.isfile(config_file):
@@ -91,7 +93,7 @@ def load_session(
             f"config {config_file or '(none)'} does not exist: pick a .yaml of configs/ or a "
             "training run's config.yaml"
         )
-    cfg = load_config(config_file, list(opts))
+    cfg = load_config(config_file, precision_opts(dtype) + list(opts))
     weights = weights or cfg.MODEL.WEIGHTS
     if not weights and not cfg.MODEL.SAM.CHECKPOINT:
         raise ConfigError(
