@@ -7,6 +7,8 @@
   cache, and where its time goes;
 - ``phase_infer``: inference per image where the detector keeps exactly N boxes, in float32,
   with the decoder in bfloat16 and (``bf16``) with the whole model in bfloat16;
+- ``phase_accuracy``: each fast precision's masks and the demo's AJI against float32's
+  (``benchmarks.accuracy``);
 - ``phase_flops``: the multiply-adds of inference with N boxes and of the cached training step,
   per part, and this machine's peak rates (``benchmarks.flops``);
 - ``phase_decoder``: SAM's decoder alone in ms per nucleus (segment-anything's MaskDecoder, this
@@ -48,8 +50,16 @@ def phase_encoder(config_file: str, repeats: int, bf16: str = "auto") -> dict:
     out = {}
     with torch.no_grad():
         out["encoder_s"], _ = measure(lambda: model.encode(images.tensor), repeats)
+        ref = model.encode(images.tensor)
+        model.int8_encoder()  # the quantised copy is made once per weights, not timed
+        int8 = []
+        out["encoder_int8_s"], _ = measure(
+            lambda: int8.append(model.encode(images.tensor, torch.qint8)), repeats
+        )
+        out["encoder_int8_cosine"] = float(
+            torch.nn.functional.cosine_similarity(int8[-1].flatten(), ref.flatten(), dim=0)
+        )
         if bf16_wanted(bf16):
-            ref = model.encode(images.tensor)
             outs = []
             # No warm-up when emulated: each forward takes minutes, the first one is no slower.
             t, _ = measure(
@@ -155,11 +165,13 @@ def phase_infer(
     out = {}
     # (nuclei, MODEL.DESSAM.INFERENCE_DTYPE, DECODER_INFERENCE_DTYPE, name suffix)
     runs = [(n, "float32", "float32", "") for n in sizes]
-    # bfloat16 after the float32 runs, so that the peak RSS readings stay those of the default:
-    # the decoder alone, then (--bf16) the whole model.
+    # The fast paths after the float32 runs, so that the peak RSS readings stay float32's: the
+    # decoder alone in bfloat16, the encoder in int8, then (--bf16) bfloat16 end to end (the
+    # decoder following the model: what predict.py's --dtype auto runs where it is native).
     runs += [(n, "float32", "bfloat16", "_bf16_decoder") for n in sizes if n >= 100]
+    runs += [(n, "int8", "auto", "_int8") for n in sizes if n >= 100]
     if bf16_wanted(bf16):
-        runs += [(n, "bfloat16", "float32", "_bf16") for n in sizes if n >= 100]
+        runs += [(n, "bfloat16", "auto", "_bf16") for n in sizes if n >= 100]
     for n, model_dtype, decoder_dtype, suffix in runs:
         model.set_detections_per_image(n)
         model.set_inference_dtype(model_dtype, decoder=decoder_dtype)
@@ -309,3 +321,16 @@ def phase_flops(config_file: str, train_nuclei: int, infer_nuclei: Sequence[int]
     out["peak_macs_float32"] = flops.peak_macs("float32")
     out["peak_macs_bfloat16"] = flops.peak_macs("bfloat16") if native_bf16() else None
     return out
+
+
+def phase_accuracy(config_file: str, bf16: str = "auto") -> dict:
+    """Per-nucleus mask IoU against float32 and the demo's AJI at each fast precision (int8,
+    and bfloat16 where measured): ``benchmarks.accuracy``."""
+    from benchmarks import accuracy
+
+    dtypes = (["bfloat16"] if bf16_wanted(bf16) else []) + ["int8"]
+    return {
+        "dtypes": dtypes,
+        "vit_b_random_mask_iou_median": accuracy.vitb_ious(config_file, dtypes),
+        "demo": accuracy.demo_accuracy(dtypes),
+    }

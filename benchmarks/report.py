@@ -12,6 +12,8 @@ PEER_NAMES = {
     "infer_500_s": "DES-SAM float32, 500 nuclei",
     "infer_100_bf16_s": "DES-SAM bfloat16, 100 nuclei",
     "infer_500_bf16_s": "DES-SAM bfloat16, 500 nuclei",
+    "infer_100_int8_s": "DES-SAM int8 encoder, 100 nuclei",
+    "infer_500_int8_s": "DES-SAM int8 encoder, 500 nuclei",
     "infer_100_bf16_decoder_s": "DES-SAM bfloat16 decoder only, 100 nuclei",
     "infer_500_bf16_decoder_s": "DES-SAM bfloat16 decoder only, 500 nuclei",
     "sam_predictor_100_s": "segment-anything predictor, 100 boxes",
@@ -36,12 +38,16 @@ def phase_table(r: dict, bf16: str) -> List[str]:
         seconds = r[key + "_s"]
         rss = r[f"peak_rss_{key}_gb"]
         lines.append(f"| {name} | {seconds:.2f} | {seconds / e:.2f} | {rss:.2f} |")
-    bf16_rows = [("encoder forward, bfloat16", "encoder_bf16")]
+    bf16_rows = [
+        ("encoder forward, int8", "encoder_int8"),
+        ("encoder forward, bfloat16", "encoder_bf16"),
+    ]
     for n in (100, 500):
         bf16_rows.append((f"inference, {n} nuclei, bfloat16 decoder", f"infer_{n}_bf16_decoder"))
-        bf16_rows.append((f"inference, {n} nuclei, bfloat16 model", f"infer_{n}_bf16"))
+        bf16_rows.append((f"inference, {n} nuclei, int8 encoder", f"infer_{n}_int8"))
+        bf16_rows.append((f"inference, {n} nuclei, bfloat16 end to end", f"infer_{n}_bf16"))
     for name, key in bf16_rows:
-        seconds = r[key + "_s"]
+        seconds = r.get(key + "_s")
         if seconds is None:
             why = "no native bfloat16 here" if bf16 == "auto" else f"--bf16 {bf16}"
             lines.append(f"| {name} | not measured ({why}) | | |")
@@ -60,7 +66,7 @@ def parts_lines(r: dict, unc: dict, cac: dict, inf: dict) -> List[str]:
     prompts = f"teacher {cac['teacher_prompts']}, student {cac['student_prompts']}"
     lines = [f"Training step parts (s): {', '.join(parts)}; prompts: {prompts}"]
     for name in ("infer_10", "infer_100", "infer_500") + tuple(
-        f"infer_{n}_bf16{d}" for n in (100, 500) for d in ("_decoder", "")
+        f"infer_{n}{d}" for n in (100, 500) for d in ("_bf16_decoder", "_int8", "_bf16")
     ):
         p = inf.get(f"{name}_parts")
         if p is None:
@@ -88,6 +94,34 @@ def decoder_lines(dec: dict, reference_nuclei: int) -> List[str]:
     for name, parts in dec["decoder_breakdown"].items():
         text = ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
         lines.append(f"Decoder {name}, ms per nucleus: {text}")
+    return lines
+
+
+def accuracy_lines(r: dict) -> List[str]:
+    """Each fast precision against float32: per-nucleus mask IoU (median) and the demo's AJI."""
+    if "mask_iou_vs_float32" not in r:
+        return []
+    lines = [
+        f"Fast precision here: {r['fast_precision']}; per-nucleus mask IoU against float32, "
+        f"median: {r['mask_iou_vs_float32_median']:.4f} ({r['mask_iou_vs_float32_source']}; "
+        "bound >= 0.98)"
+    ]
+    for dtype, ious in r["mask_iou_vs_float32"].items():
+        demo = f"{ious['demo']:.4f}" if ious["demo"] is not None else "not measured"
+        lines.append(
+            f"  {dtype}: mask IoU median, ViT-B random weights {ious['vit_b_random']:.4f}, demo "
+            f"model {demo}"
+        )
+    changes = r.get("demo_aji_change_vs_float32")
+    if changes:
+        lines.append(
+            "Demo AJI change against float32 (points; bound within 1): "
+            + ", ".join(
+                f"{k.replace('dessam_synthetic_', '')} {v:+.2f}" for k, v in changes.items()
+            )
+        )
+    elif r.get("demo_accuracy_skipped"):
+        lines.append(f"Demo accuracy not measured: {r['demo_accuracy_skipped']}")
     return lines
 
 
@@ -176,6 +210,9 @@ def format_report(
     lines += phase_table(r, bf16) + [""] + parts_lines(r, unc, cac, inf)
     if r.get("encoder_bf16_cosine") is not None:
         lines.append(f"bfloat16 encoder vs float32: cosine {r['encoder_bf16_cosine']:.6f}")
+    if r.get("encoder_int8_cosine") is not None:
+        lines.append(f"int8 encoder vs float32: cosine {r['encoder_int8_cosine']:.6f}")
+    lines += accuracy_lines(r)
     lines += decoder_lines(dec, reference_nuclei)
     changes = r["fp16_cache_loss_rel_change"]
     lines.append(

@@ -3,14 +3,16 @@
     python -m benchmarks.run            # median of 3 after a warm-up, ~9 min on 2 idle cores
     python -m benchmarks.run --quick    # 1 timed run after the warm-up, ~4 min on 2 idle cores
 
-Phases (benchmarks/phases.py): encoder forward (float32, and bfloat16); a training step (forward,
-backward, SGD step; 50 nuclei) without and with the embedding cache; inference per image
+Phases (benchmarks/phases.py): encoder forward (float32, int8, and bfloat16); a training step
+(forward, backward, SGD step; 50 nuclei) without and with the embedding cache; inference per image
 (encoder + detector + decoder + postprocessing) with 10, 100 and 500 nuclei (score threshold 0,
 NMS off, DETECTIONS_PER_IMAGE = N, so the detector keeps exactly N boxes), with 100 and 500 again
-with the whole model in bfloat16 (MODEL.DESSAM.INFERENCE_DTYPE) and with only the decoder in
-bfloat16 (MODEL.DESSAM.DECODER_INFERENCE_DTYPE); SAM's decoder alone in ms per nucleus
-(segment-anything's MaskDecoder, this package's shared-work decoder in float32 and bfloat16) and
-where its time goes.
+in bfloat16 end to end (MODEL.DESSAM.INFERENCE_DTYPE, the decoder following), with the encoder in
+int8, and with only the decoder in bfloat16 (MODEL.DESSAM.DECODER_INFERENCE_DTYPE); SAM's decoder
+alone in ms per nucleus (segment-anything's MaskDecoder, this package's shared-work decoder in
+float32 and bfloat16) and where its time goes; the multiply-adds of each part against this
+machine's peak (flops.py); each fast precision's per-nucleus mask IoU against float32 and the
+demo's AJI change (accuracy.py: the demo's part needs ``make demo``'s model and data).
 
 bfloat16 is emulated (slowly) on a CPU without AVX512-BF16 / AMX / Arm BF16: ``--bf16 auto`` (the
 default) measures the whole-model bfloat16 phases only where the CPU computes bfloat16 natively
@@ -40,7 +42,7 @@ from benchmarks.measure import native_bf16, peak_rss_gb
 from benchmarks.report import format_report
 from dessam_d2.utils.malloc import MALLOC_TUNING_SWITCH, tune_malloc
 
-PHASES = ["encoder", "train_uncached", "train_cached", "infer", "decoder", "flops"]
+PHASES = ["encoder", "train_uncached", "train_cached", "infer", "decoder", "flops", "accuracy"]
 PEERS_COMMAND = [sys.executable, "-m", "benchmarks.peers"]
 PEER_KEYS = ["sam_predictor_100_s", "sam_predictor_500_s", "microsam_ais_s", "cellpose_sam_s"]
 
@@ -92,6 +94,8 @@ def run_phase(args) -> dict:
         out = phases.phase_infer(config, repeats, args.infer_nuclei, args.bf16)
     elif args.phase == "flops":
         out = phases.phase_flops(config, args.train_nuclei, (100, 500))
+    elif args.phase == "accuracy":
+        out = phases.phase_accuracy(config, args.bf16)
     elif args.phase == "decoder":
         chunks = () if args.quick else args.chunk_sizes
         out = phases.phase_decoder(
@@ -156,7 +160,8 @@ def peer_ratios(r: dict) -> dict:
     base = r.get("sam_predictor_100_s")
     if not base:
         return {}
-    keys = [f"infer_{n}{d}_s" for n in (100, 500) for d in ("", "_bf16", "_bf16_decoder")]
+    suffixes = ("", "_bf16", "_bf16_decoder", "_int8")
+    keys = [f"infer_{n}{d}_s" for n in (100, 500) for d in suffixes]
     keys += PEER_KEYS
     return {k: r[k] / base for k in keys if isinstance(r.get(k), (int, float))}
 
@@ -199,6 +204,14 @@ def summarize(args, enc: dict, unc: dict, cac: dict, inf: dict, dec: dict, peers
     for n in (100, 500):
         r[f"infer_{n}_bf16_decoder_ratio"] = r[f"infer_{n}_bf16_decoder_s"] / e
     r["encoder_bf16_cosine"] = enc.get("encoder_bf16_cosine")
+    r["encoder_int8_s"], r["encoder_int8_cosine"] = (
+        enc["encoder_int8_s"],
+        enc["encoder_int8_cosine"],
+    )
+    r["encoder_int8_ratio"] = r["encoder_int8_s"] / e
+    for n in (100, 500):
+        r[f"infer_{n}_int8_s"] = inf[f"infer_{n}_int8_s"]
+        r[f"infer_{n}_int8_ratio"] = r[f"infer_{n}_int8_s"] / e
     r["native_bf16"] = native_bf16()
     r["bf16_phases"] = args.bf16
     r["peak_rss_infer_500_ratio"] = r["peak_rss_infer_500_gb"] / r["peak_rss_encoder_gb"]
@@ -212,6 +225,28 @@ def summarize(args, enc: dict, unc: dict, cac: dict, inf: dict, dec: dict, peers
     if peers:
         r["ratio_to_sam_predictor_100"] = peer_ratios(r)
     return r
+
+
+def accuracy_figures(acc: dict, native: bool) -> dict:
+    """The accuracy phase's figures: ``mask_iou_vs_float32_median`` at the fast precision of
+    this machine (bfloat16 where native, int8 elsewhere), from the demo's trained model where
+    it was there (else the random ViT-B's), and every precision's IoU and demo AJI change."""
+    fast = "bfloat16" if native and "bfloat16" in acc["dtypes"] else "int8"
+    demo = acc["demo"]
+    source = "demo" if "mask_iou_median" in demo else "vit_b_random"
+    ious = demo["mask_iou_median"] if source == "demo" else acc["vit_b_random_mask_iou_median"]
+    return {
+        "fast_precision": fast,
+        "mask_iou_vs_float32_median": ious[fast],
+        "mask_iou_vs_float32_source": source,
+        "mask_iou_vs_float32": {
+            d: {"vit_b_random": acc["vit_b_random_mask_iou_median"][d],
+                "demo": demo.get("mask_iou_median", {}).get(d)}
+            for d in acc["dtypes"]
+        },  # fmt: skip
+        "demo_aji_change_vs_float32": demo.get("aji_change"),
+        "demo_accuracy_skipped": demo.get("skipped"),
+    }
 
 
 def limit_figures(r: dict, flops: dict) -> dict:
@@ -262,9 +297,11 @@ def main(argv=None) -> int:
         inf.update(child(args, "infer", ["--infer-nuclei", "500"]))
     dec = child(args, "decoder")
     flops = child(args, "flops")
+    acc = child(args, "accuracy")
     peers = run_peers(args) if args.peers_venv else {}
     r = summarize(args, enc, unc, cac, inf, dec, peers)
     r.update(limit_figures(r, flops))
+    r.update(accuracy_figures(acc, r["native_bf16"]))
     r["wall_s"] = time.perf_counter() - t0
     phases = {"train_uncached": unc, "train_cached": cac, "infer": inf, "decoder": dec}
     phases["flops"] = flops

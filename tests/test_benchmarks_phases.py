@@ -9,6 +9,7 @@ from benchmarks import phases
 def test_encoder_phase(one_thread):
     out = phases.phase_encoder(DEMO, repeats=1, bf16="never")
     assert out["encoder_s"] > 0 and "encoder_bf16_s" not in out
+    assert out["encoder_int8_s"] > 0 and out["encoder_int8_cosine"] > 0.99
 
 
 def test_decoder_phase_matches_segment_anythings_in_float32(one_thread):
@@ -20,8 +21,9 @@ def test_decoder_phase_matches_segment_anythings_in_float32(one_thread):
 
 
 def test_infer_phase_keeps_exactly_n_boxes(one_thread):
-    out = phases.phase_infer(DEMO, repeats=1, infer_nuclei=[3], bf16="never")
+    out = phases.phase_infer(DEMO, repeats=1, infer_nuclei=[3, 100], bf16="never")
     assert out["infer_3_s"] > 0  # the detector kept exactly 3 boxes (else raises)
+    assert out["infer_100_int8_s"] > 0 and "infer_100_bf16_s" not in out
     assert set(out["infer_3_parts"]) == set(phases.INFER_PARTS)
     assert out["peak_rss_infer_3_gb"] > 0
 
@@ -31,3 +33,11 @@ def test_cached_train_phase_hits_the_cache(one_thread):
     assert (out["cache"]["misses"], out["cache"]["hits"]) == (1, 1)  # warm-up, timed step
     assert out["student_prompts"] > 0 and out["teacher_prompts"] == 3
     assert out["step_s"] > 0 and out["first_losses"]
+
+
+def test_accuracy_phase_on_the_tiny_sam(one_thread, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no make demo output here: the demo's part says it is skipped
+    out = phases.phase_accuracy(DEMO, bf16="never")
+    assert out["dtypes"] == ["int8"]
+    assert 0.9 <= out["vit_b_random_mask_iou_median"]["int8"] <= 1.0
+    assert out["demo"]["skipped"].startswith("no output/demo/model_final.pth")

@@ -24,7 +24,10 @@ def test_every_row_and_line_is_printed():
     assert "| train step, cached embedding | 6.00 | 1.50 | 2.50 |" in lines
     assert "| inference, 500 nuclei | 10.00 | 2.50 | 2.50 |" in lines
     assert "| inference, 100 nuclei, bfloat16 decoder | 5.00 | 1.25 | |" in lines
-    assert "| inference, 100 nuclei, bfloat16 model | not measured (--bf16 never) | | |" in lines
+    assert (
+        "| inference, 100 nuclei, bfloat16 end to end | not measured (--bf16 never) | | |" in lines
+    )
+    assert "| encoder forward, int8 | 2.00 | 0.50 | |" in lines
     assert "| SAM decoder, ms per nucleus | 10.0 | | |" in lines
     assert "prototype" not in text.lower()  # the first prototype's figures are gone
     assert "Training step parts (s): uncached embeddings 2.00" in text

@@ -108,7 +108,12 @@ def phase_outputs():
     losses = {"loss_cls": 1.0, "loss_distill": 0.5}
     train = {"teacher_prompts": 50, "student_prompts": 80, "first_losses": losses}
     train.update(embeddings_s=2.0, teacher_s=0.5, student_fwd_s=1.0, backward_s=3.0)
-    enc = {"encoder_s": 4.0, "peak_rss_gb": 2.0}
+    enc = {
+        "encoder_s": 4.0,
+        "peak_rss_gb": 2.0,
+        "encoder_int8_s": 2.0,
+        "encoder_int8_cosine": 0.999,
+    }
     unc = {**train, "step_s": 8.0, "peak_rss_gb": 3.0}
     cac = {**train, "step_s": 6.0, "peak_rss_gb": 2.5, "embeddings_s": None}
     cac["first_losses"] = {"loss_cls": 1.001, "loss_distill": 0.5}
@@ -119,6 +124,7 @@ def phase_outputs():
         inf[f"infer_{n}_parts"] = {"encoder": 4.0, "mask_decoder": s - 4.5, "pyramid": None}
         if n >= 100:
             inf[f"infer_{n}_bf16_decoder_s"] = s - 1
+            inf[f"infer_{n}_int8_s"] = s - 2
     dec = {"decoder_logit_abs_max": 3.0, "peak_rss_gb": 1.0}
     for name, ms in (("fast_fp32", 10.0), ("fast_bf16", 5.0), ("reference", 30.0)):
         dec[f"decoder_{name}_ms_per_nucleus"] = ms
@@ -133,6 +139,7 @@ def test_the_figures_and_their_ratios_to_the_encoder():
     r = run.summarize(a, enc, unc, cac, inf, dec, peers={})
     assert r["train_step_cached_ratio"] == 1.5 and r["infer_500_ratio"] == 2.5
     assert r["infer_100_bf16_decoder_ratio"] == 1.25 and r["infer_100_bf16_ratio"] is None
+    assert r["infer_100_int8_ratio"] == 1.0 and r["encoder_int8_ratio"] == 0.5
     assert r["peak_rss_infer_500_ratio"] == 1.25 and r["decoder_ms_per_nucleus"] == 10.0
     assert r["fp16_cache_loss_rel_change"]["loss_cls"] == pytest.approx(1e-3)
     assert (r["threads"], r["repeats"], r["bf16_phases"]) == (2, 1, "never")
@@ -179,3 +186,36 @@ def test_each_phase_is_set_against_its_limit_at_the_best_native_precision():
     phases = dict(zip(("train_uncached", "train_cached", "infer", "decoder"), phase_outputs()[1:]))
     text = report.format_report(r, phases, 2, 1, "never", reference_nuclei=16)
     assert "| inference, 100 nuclei, bfloat16 | 4.00 | 6.0 | 3.00 | 1.33 |" in text
+
+
+def accuracy_output(demo=True):
+    """What phase_accuracy returns (figures invented)."""
+    acc = {"dtypes": ["bfloat16", "int8"]}
+    acc["vit_b_random_mask_iou_median"] = {"bfloat16": 0.95, "int8": 0.97}
+    acc["demo"] = {"skipped": "no output/demo/model_final.pth (make demo writes it)"}
+    if demo:
+        acc["demo"] = {"mask_iou_median": {"bfloat16": 0.986, "int8": 0.996}, "nuclei": 157}
+        acc["demo"]["aji_change"] = {"bfloat16/dessam_synthetic_test": -0.5, "int8/x": 0.0}
+    return acc
+
+
+def test_the_fast_precisions_iou_is_the_demo_models_where_it_was_measured():
+    a = run.parse_args(["--bf16", "never", "--threads", "2", "--repeats", "1"])
+    r = run.summarize(a, *phase_outputs(), peers={})
+    fig = run.accuracy_figures(accuracy_output(), native=True)
+    assert (fig["fast_precision"], fig["mask_iou_vs_float32_median"]) == ("bfloat16", 0.986)
+    assert fig["mask_iou_vs_float32_source"] == "demo"
+    assert fig["mask_iou_vs_float32"]["int8"] == {"vit_b_random": 0.97, "demo": 0.996}
+    fig = run.accuracy_figures(accuracy_output(demo=False), native=False)
+    assert (fig["fast_precision"], fig["mask_iou_vs_float32_median"]) == ("int8", 0.97)
+    assert fig["mask_iou_vs_float32_source"] == "vit_b_random"
+    assert fig["demo_accuracy_skipped"].startswith("no output/demo/model_final.pth")
+    r.update(run.accuracy_figures(accuracy_output(), native=True), wall_s=1.0)
+    phases = dict(zip(("train_uncached", "train_cached", "infer", "decoder"), phase_outputs()[1:]))
+    text = report.format_report(r, phases, 2, 1, "never", reference_nuclei=16)
+    assert "per-nucleus mask IoU against float32, median: 0.9860 (demo; bound >= 0.98)" in text
+    assert "  int8: mask IoU median, ViT-B random weights 0.9700, demo model 0.9960" in text
+    assert "Demo AJI change against float32 (points; bound within 1): bfloat16/test -0.50" in text
+    assert "| inference, 100 nuclei, int8 encoder | 4.00 | 1.00 | |" in text
+    assert "int8 encoder vs float32: cosine 0.999000" in text
+    json.dumps(r)

@@ -21,6 +21,7 @@ from detectron2.modeling import build_model
 from dessam_d2.config import load_config
 from dessam_d2.data.synthetic.cytology import render_synthetic_image
 from dessam_d2.data.transforms import sam_model_input
+from dessam_d2.evaluation.metrics import aji, masks_to_label_map
 from dessam_d2.modeling import meta_arch
 from dessam_d2.modeling.embedding_cache import EmbeddingCache
 from dessam_d2.modeling.meta_arch import cpu_has_native_bf16, resolve_inference_dtype
@@ -87,9 +88,10 @@ def demo_masks(model, settings):
     """Per-nucleus masks of two synthetic images' true boxes, for each (INFERENCE_DTYPE,
     DECODER_INFERENCE_DTYPE) of ``settings`` and for the teacher and the student."""
     rng = np.random.default_rng(3)
-    inputs, boxes = [], []
+    inputs, boxes, truth = [], [], []
     for _ in range(2):
         image, masks = render_synthetic_image(rng, (256, 256), (12, 16))
+        truth.append(masks)
         xyxy = []
         for m in masks:
             ys, xs = np.nonzero(m)
@@ -103,6 +105,18 @@ def demo_masks(model, settings):
         for student in (False, True):
             res = model.segment_boxes(inputs, boxes, student=student)
             out[setting, student] = torch.cat([r["instances"].pred_masks for r in res])
+            # the images' AJI (%) against their true masks, as the evaluator computes it
+            out["aji", setting, student] = 100 * np.mean(
+                [
+                    aji(
+                        masks_to_label_map(np.asarray(t), np.ones(len(t))),
+                        masks_to_label_map(
+                            r["instances"].pred_masks.numpy(), np.ones(len(r["instances"]))
+                        ),
+                    )
+                    for t, r in zip(truth, res)
+                ]
+            )
     model.set_inference_dtype("float32", "auto")
     return out
 
@@ -126,6 +140,8 @@ def test_demo_tiny_sam_masks_in_bfloat16_match_float32(demo_model, one_thread):
         iou = mask_ious(a, out[bf16, student])
         assert iou.median() >= 0.98 and iou.mean() >= 0.96, (student, iou.median(), iou.mean())
         assert not torch.equal(a, out[bf16, student])  # the decoder did run in bfloat16
+        # AJI within 1 point of float32's (issue bound)
+        assert abs(out["aji", bf16, student] - out["aji", f32, student]) <= 1.0
 
 
 def test_demo_tiny_sam_masks_in_int8_match_float32(demo_model, one_thread):
@@ -137,6 +153,7 @@ def test_demo_tiny_sam_masks_in_int8_match_float32(demo_model, one_thread):
         iou = mask_ious(a, out[int8, student])
         # AMD EPYC Zen 4: median 0.997, worst 0.977 (trained demo model, 37 nuclei)
         assert iou.median() >= 0.98 and iou.min() >= 0.9, (student, iou.median(), iou.min())
+        assert abs(out["aji", int8, student] - out["aji", f32, student]) <= 1.0
     # the quantised copy is inference's own: the model's weights and state dict are unchanged
     after = demo_model.state_dict()
     assert before.keys() == after.keys()
