@@ -4,7 +4,7 @@ SAM prompt mask head (Fig. 2 of the paper)."""
 import contextlib
 import logging
 import time
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import CfgNode, configurable
@@ -19,10 +19,15 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torch.profiler import record_function
 
-from ..errors import ConfigError
 from .embedding_cache import EmbeddingCache, cached_encode, encoder_fingerprint, weights_state
 from .postprocess import detections_to_original
-from .quantize import quantize_linear_int8
+from .precision import (  # noqa: F401  (re-exported: the choices and "auto" live there)
+    INFERENCE_DTYPES,
+    NATIVE_BF16_CPU_FLAGS,
+    cpu_has_native_bf16,
+    quantize_linear_int8,
+    resolve_inference_dtype,
+)
 from .sam_weights import load_sam_checkpoint
 from .settings import DetectorSettings
 
@@ -30,47 +35,6 @@ logger = logging.getLogger(__name__)
 
 # Loss terms of L_dect (Eq. 1, plus the RPN's), scaled by lambda_dect.
 DETECTION_LOSSES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg")
-
-# "int8": SAM's encoder with its linear layers dynamically quantised (quantize.py), the rest in
-# float32; torch.qint8 stands for it (no autocast).
-INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.qint8}
-# torch.cpu.get_capabilities() flags of a CPU that computes in bfloat16 natively (x86: AVX512-BF16,
-# AMX; Arm: the BF16 and SVE-BF16 extensions). Elsewhere bfloat16 is emulated with float32
-# arithmetic and conversions, which is slower than float32 (docs/PERFORMANCE.md: measured on AVX2).
-NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
-
-
-def cpu_has_native_bf16(capabilities: Optional[Mapping] = None) -> bool:
-    """Whether this CPU has bfloat16 arithmetic (``torch.cpu.get_capabilities()`` by default; a
-    torch without that function counts as no)."""
-    if capabilities is None:
-        get = getattr(torch.cpu, "get_capabilities", None)
-        capabilities = get() if get is not None else {}
-    return any(bool(capabilities.get(flag)) for flag in NATIVE_BF16_CPU_FLAGS)
-
-
-def resolve_inference_dtype(setting: str, device) -> torch.dtype:
-    """MODEL.DESSAM.INFERENCE_DTYPE on a device: "float32", "bfloat16", "int8" (CPU only:
-    ``torch.qint8``), or "auto" = bfloat16 on CUDA (where supported) and on a CPU with native
-    bfloat16, float32 elsewhere ("auto" never picks int8: it is opt-in)."""
-    device = torch.device(device)
-    if setting == "int8" and device.type != "cpu":
-        raise ConfigError(
-            f"MODEL.DESSAM.INFERENCE_DTYPE=int8 runs on a CPU only, not on {device.type}: use "
-            "'auto' or 'bfloat16' there"
-        )
-    if setting in INFERENCE_DTYPES:
-        return INFERENCE_DTYPES[setting]
-    if setting != "auto":
-        raise ConfigError(
-            f"MODEL.DESSAM.INFERENCE_DTYPE={setting!r}: use 'auto', 'float32', 'bfloat16' or "
-            "'int8'"
-        )
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = device.type == "cpu" and cpu_has_native_bf16()
-    return torch.bfloat16 if native else torch.float32
 
 
 @META_ARCH_REGISTRY.register()
@@ -287,7 +251,7 @@ class DESSAM(DetectorSettings, nn.Module):
     def encode(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """SAM's encoder on B x 3 x S x S normalised images, computed in ``dtype`` (bfloat16:
         autocast, the weights stay float32; ``torch.qint8``: an int8 copy of its linear layers,
-        quantize.py), returned in float32."""
+        precision.py), returned in float32."""
         if dtype == torch.qint8:
             return self.image_encoder.encode(images, encoder=self.int8_encoder()).float()
         with self.autocast(dtype):

@@ -98,7 +98,7 @@ class SAMImageEncoder(Backbone):
 
     def encode(self, images: torch.Tensor, encoder: Optional[nn.Module] = None) -> torch.Tensor:
         """B x 3 x S x S normalised images -> B x C x S/p x S/p embeddings, by SAM's encoder or
-        by ``encoder`` (a copy of it, e.g. the int8 one of quantize.py, run without grad)."""
+        by ``encoder`` (a copy of it, e.g. the int8 one of precision.py, run without grad)."""
         if images.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(
                 f"SAM's encoder takes {self.img_size}x{self.img_size} inputs, got "
