@@ -112,7 +112,7 @@ def peak_rss_gb() -> float:
 
 
 def native_bf16() -> bool:
-    from dessam_d2.modeling.meta_arch import cpu_has_native_bf16
+    from dessam_d2.modeling.precision import cpu_has_native_bf16
 
     return cpu_has_native_bf16()
 
@@ -122,7 +122,7 @@ def bf16_wanted(bf16: str) -> bool:
     (where the CPU computes bfloat16 natively)."""
     import torch
 
-    from dessam_d2.modeling.meta_arch import resolve_inference_dtype
+    from dessam_d2.modeling.precision import resolve_inference_dtype
 
     if bf16 == "auto":
         return resolve_inference_dtype("auto", "cpu") == torch.bfloat16

@@ -192,7 +192,7 @@ def test_the_words_are_those_the_modules_accept():
     from dessam_d2.data.transforms import IMAGE_FORMATS, RANDOM_FLIPS
     from dessam_d2.modeling.embedding_cache import _DTYPES
     from dessam_d2.modeling.losses import DISTILL_REDUCTIONS
-    from dessam_d2.modeling.meta_arch import INFERENCE_DTYPES
+    from dessam_d2.modeling.precision import INFERENCE_DTYPES
     from dessam_d2.modeling.prompt_mask_head import DECODER_DTYPES
     from dessam_d2.modeling.roi_heads import STUDENT_PROMPTS
     from dessam_d2.modeling.sam_backbone import SAM_VARIANTS
@@ -208,7 +208,7 @@ def test_the_words_are_those_the_modules_accept():
 
 
 def test_the_modules_own_checks_raise_config_errors_too(cfg):
-    from dessam_d2.modeling.meta_arch import resolve_inference_dtype
+    from dessam_d2.modeling.precision import resolve_inference_dtype
     from dessam_d2.modeling.sam_backbone import sam_encoder_shape
 
     with pytest.raises(ConfigError, match="MODEL.DESSAM.INFERENCE_DTYPE='fp16'"):

@@ -24,7 +24,7 @@ from dessam_d2.data.transforms import sam_model_input
 from dessam_d2.evaluation.metrics import aji, masks_to_label_map
 from dessam_d2.modeling import meta_arch
 from dessam_d2.modeling.embedding_cache import EmbeddingCache
-from dessam_d2.modeling.meta_arch import cpu_has_native_bf16, resolve_inference_dtype
+from dessam_d2.modeling.precision import cpu_has_native_bf16, resolve_inference_dtype
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from conftest import DEMO, ROOT
 from plugin_fixtures import field, write_checkpoint
 
-from dessam_d2.modeling.meta_arch import cpu_has_native_bf16
+from dessam_d2.modeling.precision import cpu_has_native_bf16
 from dessam_d2.plugin.layers import boxes_to_rectangles, rectangles_to_boxes
 
 napari = pytest.importorskip("napari", reason="the napari extra: pip install -e .[napari]")

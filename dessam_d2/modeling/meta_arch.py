@@ -21,13 +21,7 @@ from torch.profiler import record_function
 
 from .embedding_cache import EmbeddingCache, cached_encode, encoder_fingerprint, weights_state
 from .postprocess import detections_to_original
-from .precision import (  # noqa: F401  (re-exported: the choices and "auto" live there)
-    INFERENCE_DTYPES,
-    NATIVE_BF16_CPU_FLAGS,
-    cpu_has_native_bf16,
-    quantize_linear_int8,
-    resolve_inference_dtype,
-)
+from .precision import quantize_linear_int8, resolve_inference_dtype
 from .sam_weights import load_sam_checkpoint
 from .settings import DetectorSettings
 
