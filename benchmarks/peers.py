@@ -10,7 +10,8 @@ forward pass does not depend on the weights, that of the post-processing somewha
 
 - ``sam_predictor_100`` / ``_500``: segment-anything's ``SamPredictor`` (ViT-B): ``set_image``,
   then ``predict_torch`` on the nuclei's boxes in batches of 100, one mask each. Parts: encoder,
-  decoder.
+  decoder. ``sam_predictor_100_bf16``: the same 100 boxes with both steps under bfloat16
+  autocast, DES-SAM's fast precision (its pair for the same-precision ratio).
 - ``microsam_ais``: micro-sam's automatic instance segmentation (ViT-B SAM + UNETR decoder,
   ``segmentation_mode="ais"``). Parts: encoder, decoder (UNETR), postprocess (watershed).
 - ``cellpose_sam``: Cellpose 4 (Cellpose-SAM, ViT-L) through ``CellposeModel`` (bfloat16 weights,

@@ -21,6 +21,7 @@ import time
 
 PEERS = [
     "sam_predictor_100",
+    "sam_predictor_100_bf16",
     "sam_predictor_500",
     "microsam_ais",
     "cellpose_sam",
@@ -28,6 +29,7 @@ PEERS = [
 ]
 PARTS = {
     "sam_predictor_100": ["encoder", "decoder"],
+    "sam_predictor_100_bf16": ["encoder", "decoder"],
     "sam_predictor_500": ["encoder", "decoder"],
     "microsam_ais": ["encoder", "decoder", "postprocess"],
     "cellpose_sam": ["network", "masks"],
@@ -45,7 +47,10 @@ def _load(inputs: str, n: int):
     )
 
 
-def build_sam_predictor(inputs: str, n: int):
+def build_sam_predictor(inputs: str, n: int, bfloat16: bool = False):
+    """``bfloat16``: both steps under ``torch.autocast("cpu", torch.bfloat16)`` (segment-anything
+    has no precision option of its own; autocast is how a user gets bfloat16 from it, and how
+    DES-SAM runs it)."""
     import torch
     from segment_anything import SamPredictor, sam_model_registry
 
@@ -54,16 +59,18 @@ def build_sam_predictor(inputs: str, n: int):
     predictor = SamPredictor(sam_model_registry["vit_b"](checkpoint=None).eval())
 
     def run():
-        t0 = time.perf_counter()
-        predictor.set_image(image)
-        t1 = time.perf_counter()
-        for i in range(0, len(boxes), SAM_BATCH):
-            batch = predictor.transform.apply_boxes_torch(boxes[i : i + SAM_BATCH], image.shape[:2])
-            masks, _, _ = predictor.predict_torch(
-                point_coords=None, point_labels=None, boxes=batch, multimask_output=False
-            )
-            assert masks.shape[0] == len(batch)
-        t2 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+            t0 = time.perf_counter()
+            predictor.set_image(image)
+            t1 = time.perf_counter()
+            for i in range(0, len(boxes), SAM_BATCH):
+                batch = boxes[i : i + SAM_BATCH]
+                batch = predictor.transform.apply_boxes_torch(batch, image.shape[:2])
+                masks, _, _ = predictor.predict_torch(
+                    point_coords=None, point_labels=None, boxes=batch, multimask_output=False
+                )
+                assert masks.shape[0] == len(batch)
+            t2 = time.perf_counter()
         return {"encoder": t1 - t0, "decoder": t2 - t1}
 
     return run
@@ -140,6 +147,8 @@ def build_cellpose_sam(inputs: str, bfloat16: bool = True):
 
 def build(name: str, inputs: str):
     """The peer ``name``'s run function (no arguments; returns its parts' seconds)."""
+    if name == "sam_predictor_100_bf16":
+        return build_sam_predictor(inputs, 100, bfloat16=True)
     if name.startswith("sam_predictor_"):
         return build_sam_predictor(inputs, int(name.rsplit("_", 1)[1]))
     if name == "microsam_ais":

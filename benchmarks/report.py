@@ -17,6 +17,7 @@ PEER_NAMES = {
     "infer_100_bf16_decoder_s": "DES-SAM bfloat16 decoder only, 100 nuclei",
     "infer_500_bf16_decoder_s": "DES-SAM bfloat16 decoder only, 500 nuclei",
     "sam_predictor_100_s": "segment-anything predictor, 100 boxes",
+    "sam_predictor_100_bf16_s": "segment-anything predictor, 100 boxes, bfloat16 autocast",
     "sam_predictor_500_s": "segment-anything predictor, 500 boxes",
     "microsam_ais_s": "micro-sam automatic instance segmentation",
     "cellpose_sam_s": "Cellpose-SAM",
@@ -148,6 +149,12 @@ def peer_lines(r: dict) -> List[str]:
         rss = r.get(k[: -len("_s")] + "_rss_gb")
         extra = f", peak RSS {rss:.2f} GB" if isinstance(rss, (int, float)) else ""
         lines.append(f"  {PEER_NAMES.get(k, k)}: {r[k]:.2f} s, {v:.2f}x{extra}")
+    same = r.get("ratio_to_sam_predictor_100_same_precision") or {}
+    if same:
+        lines.append(
+            "DES-SAM 100 nuclei over the predictor given the same 100 boxes, same precision "
+            "(target <= 0.7): " + ", ".join(f"{p} {v:.2f}x" for p, v in same.items())
+        )
     return lines
 
 

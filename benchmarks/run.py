@@ -44,7 +44,16 @@ from dessam_d2.utils.malloc import MALLOC_TUNING_SWITCH, tune_malloc
 
 PHASES = ["encoder", "train_uncached", "train_cached", "infer", "decoder", "flops", "accuracy"]
 PEERS_COMMAND = [sys.executable, "-m", "benchmarks.peers"]
-PEER_KEYS = ["sam_predictor_100_s", "sam_predictor_500_s", "microsam_ais_s", "cellpose_sam_s"]
+PEER_KEYS = [
+    "sam_predictor_100_s",
+    "sam_predictor_100_bf16_s",
+    "sam_predictor_500_s",
+    "microsam_ais_s",
+    "cellpose_sam_s",
+]
+# DES-SAM's 100 nuclei over segment-anything's predictor with the same 100 boxes, per precision
+SAME_PRECISION = {"float32": ("infer_100_s", "sam_predictor_100_s"),
+                  "bfloat16": ("infer_100_bf16_s", "sam_predictor_100_bf16_s")}  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -166,6 +175,17 @@ def peer_ratios(r: dict) -> dict:
     return {k: r[k] / base for k in keys if isinstance(r.get(k), (int, float))}
 
 
+def same_precision_ratios(r: dict) -> dict:
+    """DES-SAM (finds the nuclei, then segments them) over SamPredictor given the same boxes,
+    each precision where both were measured."""
+    out = {}
+    for precision, (ours, theirs) in SAME_PRECISION.items():
+        a, b = r.get(ours), r.get(theirs)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+            out[precision] = a / b
+    return out
+
+
 def relative_changes(a: dict, b: dict) -> dict:
     return {k: abs(b[k] - a[k]) / max(abs(a[k]), 1e-12) for k in a if k in b}
 
@@ -224,6 +244,7 @@ def summarize(args, enc: dict, unc: dict, cac: dict, inf: dict, dec: dict, peers
     r.update(peers)
     if peers:
         r["ratio_to_sam_predictor_100"] = peer_ratios(r)
+        r["ratio_to_sam_predictor_100_same_precision"] = same_precision_ratios(r)
     return r
 
 

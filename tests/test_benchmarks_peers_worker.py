@@ -60,3 +60,28 @@ def test_a_peer_is_warmed_up_then_timed_and_reported_on_one_line(monkeypatch, ca
     assert len(calls) == 3 and len(out["times"]) == 2 and out["threads"] == 1
     assert out["parts"] == [{"encoder": 0.1, "decoder": 0.2}] * 2
     assert out["rss_gb"] > 0 and out["build_s"] >= 0 and out["torch"]
+
+
+@pytest.mark.parametrize(
+    "name, dtype", [("sam_predictor_100", None), ("sam_predictor_100_bf16", 1)]
+)
+def test_sam_predictor_runs_its_boxes_at_the_named_precision(tmp_path, monkeypatch, name, dtype):
+    """segment-anything's own predictor on the saved boxes; the _bf16 peer under bfloat16
+    autocast (a small ViT at SAM's 1024 px input stands in for ViT-B)."""
+    import numpy as np
+    import segment_anything
+    import torch
+    from segment_anything.build_sam import _build_sam
+
+    np.save(tmp_path / "image_100.npy", np.full((300, 280, 3), 128, np.uint8))
+    np.save(tmp_path / "boxes_100.npy", np.array([[10, 10, 60, 70], [100, 90, 200, 150]], "f4"))
+    small = _build_sam(encoder_embed_dim=64, encoder_depth=1, encoder_num_heads=2,
+                       encoder_global_attn_indexes=[0], checkpoint=None)  # fmt: skip
+    monkeypatch.setitem(segment_anything.sam_model_registry, "vit_b", lambda checkpoint: small)
+    seen = []
+    qkv = small.image_encoder.blocks[0].attn.qkv  # its products (SAM's LayerNorm2d ends in float32)
+    qkv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    with torch.no_grad():
+        parts = pw.build(name, str(tmp_path))()
+    assert set(parts) == {"encoder", "decoder"} and min(parts.values()) > 0
+    assert seen == [torch.bfloat16 if dtype else torch.float32]

@@ -46,3 +46,7 @@ def test_the_peers_lines():
     assert "over segment-anything's predictor with 100 boxes (12.00 s):" in text
     assert "  DES-SAM float32, 100 nuclei: 6.00 s, 0.50x" in text
     assert "  segment-anything predictor, 100 boxes: 12.00 s, 1.00x, peak RSS 6.00 GB" in text
+    assert "same precision (target <= 0.7): float32 0.50x" in text
+    assert "bfloat16" not in text.split("same precision")[1]  # the bfloat16 pair did not run
+    text = summary({"sam_predictor_100_s": 12.0, "sam_predictor_100_bf16_s": 8.0})
+    assert "  segment-anything predictor, 100 boxes, bfloat16 autocast: 8.00 s, 0.67x" in text

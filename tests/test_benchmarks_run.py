@@ -101,6 +101,10 @@ def test_peer_figures_are_merged_and_set_against_sams_predictor(tmp_path, monkey
     ratios = run.peer_ratios(r)
     assert ratios["infer_100_s"] == pytest.approx(1.5) and ratios["cellpose_sam_s"] == 2.0
     assert "infer_100_bf16_s" not in ratios and ratios["sam_predictor_100_s"] == 1.0
+    # the same-precision pairs: float32 with float32, bfloat16 with bfloat16 where both ran
+    assert run.same_precision_ratios(r) == {"float32": 1.5}
+    r.update(infer_100_bf16_s=1.0, sam_predictor_100_bf16_s=4.0)
+    assert run.same_precision_ratios(r) == {"float32": 1.5, "bfloat16": 0.25}
 
 
 def phase_outputs():
