@@ -9,8 +9,8 @@ the schedule (2 iterations), no loader workers, the seed, and the test-time box 
 0, because a random detector scores below the configs' 0.55 and would leave nothing to score.
 The seed (the configs leave it random) because what 2 steps make of random weights is luck: with
 some seeds --clean-masks (overlaps go to the higher score, pieces under the minimum area are
-dropped) leaves 1 outline of 20, with one CI run's none; SEED 3 leaves 16 to 19 (both configs,
-1 or 2 threads).
+dropped) leaves 1 outline of 20, with one CI run's none; SEED 3 leaves 16 to 19 (both configs at 1
+thread, as CI runs it; the patchseg config at 2 threads).
 """
 
 import csv
