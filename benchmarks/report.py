@@ -61,7 +61,8 @@ def phase_table(r: dict, bf16: str) -> List[str]:
 def parts_lines(r: dict, unc: dict, cac: dict, inf: dict) -> List[str]:
     parts = []
     for name, d in (("uncached", unc), ("cached", cac)):
-        for k in ("embeddings_s", "teacher_s", "student_fwd_s", "backward_s"):
+        for k in ("embeddings_s", "teacher_s", "student_fwd_s", "backward_s", "backward_mask_s",
+                  "backward_detector_s"):  # fmt: skip
             if d.get(k) is not None:
                 parts.append(f"{name} {k[:-2]} {d[k]:.2f}")
     prompts = f"teacher {cac['teacher_prompts']}, student {cac['student_prompts']}"

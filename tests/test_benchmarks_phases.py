@@ -1,6 +1,7 @@
 """benchmarks/phases.py on the demo model: every phase runs in process (it imports what it uses)
 and follows the config's input size; the shared-work decoder matches segment-anything's."""
 
+import pytest
 from conftest import DEMO
 
 from benchmarks import phases
@@ -33,6 +34,10 @@ def test_cached_train_phase_hits_the_cache(one_thread):
     assert (out["cache"]["misses"], out["cache"]["hits"]) == (1, 1)  # warm-up, timed step
     assert out["student_prompts"] > 0 and out["teacher_prompts"] == 3
     assert out["step_s"] > 0 and out["first_losses"]
+    # the backward is timed in two parts: the mask losses', then the detector's
+    split = out["backward_mask_s"] + out["backward_detector_s"]
+    assert min(out["backward_mask_s"], out["backward_detector_s"]) > 0
+    assert split == pytest.approx(out["backward_s"])
 
 
 def test_accuracy_phase_on_the_tiny_sam(one_thread, monkeypatch, tmp_path):

@@ -31,6 +31,7 @@ def test_every_row_and_line_is_printed():
     assert "| SAM decoder, ms per nucleus | 10.0 | | |" in lines
     assert "prototype" not in text.lower()  # the first prototype's figures are gone
     assert "Training step parts (s): uncached embeddings 2.00" in text
+    assert "cached backward 3.00, cached backward_mask 1.25, cached backward_detector 1.75" in text
     assert "infer_500 parts (s): encoder 4.00, mask_decoder 5.50, rest 0.50" in lines
     assert "Decoder ms per nucleus: fast_fp32 10.0, fast_bf16 5.0, reference 30.0" in lines
     assert "Decoder reference, ms per nucleus: total 30.0" in lines

@@ -112,6 +112,7 @@ def phase_outputs():
     losses = {"loss_cls": 1.0, "loss_distill": 0.5}
     train = {"teacher_prompts": 50, "student_prompts": 80, "first_losses": losses}
     train.update(embeddings_s=2.0, teacher_s=0.5, student_fwd_s=1.0, backward_s=3.0)
+    train.update(backward_mask_s=1.25, backward_detector_s=1.75)
     enc = {
         "encoder_s": 4.0,
         "peak_rss_gb": 2.0,
