@@ -192,13 +192,14 @@ def test_the_words_are_those_the_modules_accept():
     from dessam_d2.data.transforms import IMAGE_FORMATS, RANDOM_FLIPS
     from dessam_d2.modeling.embedding_cache import _DTYPES
     from dessam_d2.modeling.losses import DISTILL_REDUCTIONS
-    from dessam_d2.modeling.precision import INFERENCE_DTYPES
+    from dessam_d2.modeling.precision import INFERENCE_DTYPES, TRAIN_DTYPES
     from dessam_d2.modeling.prompt_mask_head import DECODER_DTYPES
     from dessam_d2.modeling.roi_heads import STUDENT_PROMPTS
     from dessam_d2.modeling.sam_backbone import SAM_VARIANTS
 
     assert set(CHOICES["MODEL.SAM.VARIANT"]) == set(SAM_VARIANTS) | {"custom"}
     assert set(CHOICES["MODEL.DESSAM.INFERENCE_DTYPE"]) == set(INFERENCE_DTYPES) | {"auto"}
+    assert set(CHOICES["MODEL.DESSAM.TRAIN_DTYPE"]) == set(TRAIN_DTYPES) | {"auto"}
     assert set(CHOICES["MODEL.DESSAM.DECODER_INFERENCE_DTYPE"]) == set(DECODER_DTYPES)
     assert set(CHOICES["MODEL.DESSAM.EMBEDDING_CACHE_DTYPE"]) == set(_DTYPES)
     assert set(CHOICES["MODEL.DESSAM.DISTILL_REDUCTION"]) == set(DISTILL_REDUCTIONS)

@@ -147,6 +147,11 @@ class Trainer(DefaultTrainer):
         if not isinstance(sampler, ResumableTrainingSampler):
             raise TypeError("build_train_loader must use a ResumableTrainingSampler")
         self.train_sampler = sampler
+        model = getattr(self.model, "module", self.model)
+        if hasattr(model, "train_dtype"):
+            dtype = str(model.train_dtype()).replace("torch.", "")
+            setting = cfg.MODEL.DESSAM.TRAIN_DTYPE
+            logger.info(f"DESSAM trains in {dtype} (MODEL.DESSAM.TRAIN_DTYPE {setting})")
 
     @property
     def seed(self) -> int:

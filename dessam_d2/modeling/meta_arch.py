@@ -21,7 +21,7 @@ from torch.profiler import record_function
 
 from .embedding_cache import EmbeddingCache, cached_encode, encoder_fingerprint, weights_state
 from .postprocess import detections_to_original
-from .precision import quantize_linear_int8, resolve_inference_dtype
+from .precision import quantize_linear_int8, resolve_inference_dtype, resolve_train_dtype
 from .sam_weights import load_sam_checkpoint
 from .settings import DetectorSettings
 
@@ -62,6 +62,7 @@ class DESSAM(DetectorSettings, nn.Module):
         embedding_cache_dtype: str = "float16",
         embedding_cache_max_gb: float = 20.0,
         inference_dtype: str = "auto",
+        train_dtype: str = "float32",
     ):
         super().__init__()
         self.backbone = backbone
@@ -87,6 +88,8 @@ class DESSAM(DetectorSettings, nn.Module):
         self._fingerprint, self._fingerprint_state, self._cache_logged = "", None, time.time()
         self._int8_encoder: Optional[tuple] = None  # (weights state, quantised copy)
         self.set_inference_dtype(inference_dtype)
+        resolve_train_dtype(train_dtype, "cpu")  # reject a wrong value now
+        self.train_dtype_setting = train_dtype
         trainable, frozen = count_parameters(self)
         logger.info(
             f"DESSAM parameters: {trainable / 1e6:.2f}M trainable, {frozen / 1e6:.2f}M frozen"
@@ -110,6 +113,7 @@ class DESSAM(DetectorSettings, nn.Module):
             "embedding_cache_dtype": cfg.MODEL.DESSAM.EMBEDDING_CACHE_DTYPE,
             "embedding_cache_max_gb": cfg.MODEL.DESSAM.EMBEDDING_CACHE_MAX_GB,
             "inference_dtype": cfg.MODEL.DESSAM.INFERENCE_DTYPE,
+            "train_dtype": cfg.MODEL.DESSAM.TRAIN_DTYPE,
         }
 
     @property
@@ -169,6 +173,12 @@ class DESSAM(DetectorSettings, nn.Module):
                 f"decoder in {decoder} (MODEL.DESSAM.DECODER_INFERENCE_DTYPE)"
             )
         return self._inference_dtype[1]
+
+    def train_dtype(self) -> torch.dtype:
+        """The dtype training computes in on this model's device (MODEL.DESSAM.TRAIN_DTYPE):
+        under bfloat16 the encoder, pyramid, RPN, box head and SAM's decoders run in autocast;
+        the weights, gradients and the mask losses stay float32."""
+        return resolve_train_dtype(self.train_dtype_setting, self.device)
 
     def autocast(self, dtype: torch.dtype):
         """bfloat16 autocast on this model's device, or nothing for float32 and int8."""
@@ -299,19 +309,21 @@ class DESSAM(DetectorSettings, nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
             return self.inference(batched_inputs)
+        dtype = self.train_dtype()
         images, raw = self.preprocess_image(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        embeddings = self.image_embeddings(images, batched_inputs)
-        with record_function("dessam/pyramid"):
-            features = self.backbone.from_embedding(self.crop_to_images(embeddings, images))
-        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
-        _, detector_losses = self.roi_heads(
-            images, features, proposals, gt_instances, embeddings=embeddings, raw_images=raw
-        )
+        embeddings = self.image_embeddings(images, batched_inputs, dtype)
+        with self.autocast(dtype):
+            with record_function("dessam/pyramid"):
+                features = self.backbone.from_embedding(self.crop_to_images(embeddings, images))
+            proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+            _, detector_losses = self.roi_heads(
+                images, features, proposals, gt_instances, embeddings=embeddings, raw_images=raw
+            )
         losses = {**proposal_losses, **detector_losses}
         for k in DETECTION_LOSSES:
             losses[k] = losses[k] * self.loss_dect_weight
-        return losses
+        return {k: v.float() for k, v in losses.items()}
 
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:

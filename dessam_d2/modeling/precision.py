@@ -1,5 +1,6 @@
-"""Inference precision (MODEL.DESSAM.INFERENCE_DTYPE): the choices, what "auto" picks on a device,
-and int8 inference of SAM's image encoder, for CPUs without native bfloat16 (AVX2-only machines).
+"""Inference precision (MODEL.DESSAM.INFERENCE_DTYPE) and training precision
+(MODEL.DESSAM.TRAIN_DTYPE): the choices, what "auto" picks on a device, and int8 inference of SAM's
+image encoder, for CPUs without native bfloat16 (AVX2-only machines).
 
 PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``) replaces each
 ``nn.Linear`` of a copy of the encoder (the attention's qkv and projection, the MLPs: nearly all
@@ -24,14 +25,19 @@ from ..errors import ConfigError
 
 __all__ = [
     "INFERENCE_DTYPES",
+    "TRAIN_DTYPES",
     "cpu_has_native_bf16",
     "resolve_inference_dtype",
+    "resolve_train_dtype",
     "quantize_linear_int8",
 ]
 
 # "int8": SAM's encoder with its linear layers dynamically quantised (quantize_linear_int8), the
 # rest in float32; torch.qint8 stands for it (no autocast).
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.qint8}
+# Training: bfloat16 is autocast (mixed precision); weights, gradients, optimiser state and the mask
+# losses stay float32. No int8: quantised layers have no gradients.
+TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # torch.cpu.get_capabilities() flags of a CPU that computes in bfloat16 natively (x86: AVX512-BF16,
 # AMX; Arm: the BF16 and SVE-BF16 extensions). Elsewhere bfloat16 is emulated with float32
 # arithmetic and conversions, which is slower than float32 (docs/PERFORMANCE.md: measured on AVX2).
@@ -64,11 +70,27 @@ def resolve_inference_dtype(setting: str, device) -> torch.dtype:
             f"MODEL.DESSAM.INFERENCE_DTYPE={setting!r}: use 'auto', 'float32', 'bfloat16' or "
             "'int8'"
         )
+    return torch.bfloat16 if _native_bf16(device) else torch.float32
+
+
+def resolve_train_dtype(setting: str, device) -> torch.dtype:
+    """MODEL.DESSAM.TRAIN_DTYPE on a device: "float32", "bfloat16" (autocast of the forward pass,
+    the weights and the loss terms float32), or "auto" = bfloat16 where it is native (as
+    ``resolve_inference_dtype``), float32 elsewhere."""
+    if setting in TRAIN_DTYPES:
+        return TRAIN_DTYPES[setting]
+    if setting != "auto":
+        raise ConfigError(
+            f"MODEL.DESSAM.TRAIN_DTYPE={setting!r}: use 'auto', 'float32' or 'bfloat16' (int8 "
+            "is for inference only)"
+        )
+    return torch.bfloat16 if _native_bf16(torch.device(device)) else torch.float32
+
+
+def _native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = device.type == "cpu" and cpu_has_native_bf16()
-    return torch.bfloat16 if native else torch.float32
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def quantize_linear_int8(module: nn.Module) -> nn.Module:

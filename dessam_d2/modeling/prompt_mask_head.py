@@ -236,8 +236,8 @@ class SAMPromptMaskHead(nn.Module):
         under the model's bfloat16 autocast), or "auto": as called, i.e. in bfloat16 under the
         model's bfloat16 autocast (MODEL.DESSAM.INFERENCE_DTYPE) and in float32 otherwise.
         bfloat16 moves a few border pixels of the smallest masks
-        (tests/test_modeling_meta_arch_inference_dtype.py). Training is left as called: the
-        teacher's targets and the student's gradients are float32. Returns float32 logits.
+        (tests/test_modeling_meta_arch_inference_dtype.py). Training is left as called: float32, or
+        bfloat16 under MODEL.DESSAM.TRAIN_DTYPE's autocast. Returns float32 logits.
         """
         if len(boxes) == 0:
             side = 4 * embedding.shape[-1]
@@ -341,13 +341,16 @@ class SAMPromptMaskHead(nn.Module):
             # parameter, so data-parallel training sees the same graph on every rank.
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return {k: zero for k in self.criterion.loss_names}
-        return self.criterion(
-            torch.cat(student_logits),  # R x 1 x m x m
-            torch.cat(teacher_logits) if teacher_logits else None,
-            images,
-            torch.cat(gt_boxes),
-            torch.cat(image_ids),
-        )
+        # The loss terms in float32 also under MODEL.DESSAM.TRAIN_DTYPE bfloat16 (the decoders'
+        # logits are float32 already): L_edge's colour sums would lose digits in bfloat16.
+        with torch.autocast(images.device.type, enabled=False):
+            return self.criterion(
+                torch.cat(student_logits),  # R x 1 x m x m
+                torch.cat(teacher_logits) if teacher_logits else None,
+                images.float(),
+                torch.cat(gt_boxes).float(),
+                torch.cat(image_ids),
+            )
 
 
 __all__ = ["SAMPromptMaskHead", "build_sam_prompt_modules"]
