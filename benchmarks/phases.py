@@ -4,7 +4,8 @@
 - ``phase_encoder``: SAM's encoder forward, float32 and (``bf16``) bfloat16 with its cosine to
   float32;
 - ``phase_train``: a training step (forward, backward, SGD step), without or with the embedding
-  cache, and where its time goes;
+  cache, in float32 or (MODEL.DESSAM.TRAIN_DTYPE) bfloat16 mixed precision, and where its time
+  goes;
 - ``phase_infer``: inference per image where the detector keeps exactly N boxes, in float32,
   with the decoder in bfloat16 and (``bf16``) with the whole model in bfloat16;
 - ``phase_accuracy``: each fast precision's masks and the demo's AJI against float32's
@@ -76,14 +77,17 @@ def phase_encoder(config_file: str, repeats: int, bf16: str = "auto") -> dict:
     return out
 
 
-def phase_train(config_file: str, repeats: int, train_nuclei: int, cached: bool) -> dict:
+def phase_train(
+    config_file: str, repeats: int, train_nuclei: int, cached: bool, dtype: str = "float32"
+) -> dict:
+    """``dtype``: MODEL.DESSAM.TRAIN_DTYPE ("bfloat16": mixed precision)."""
     import torch
     from detectron2.utils.events import EventStorage
 
     from dessam_d2.modeling.criterion import MASK_LOSSES
 
     cache_dir = tempfile.mkdtemp(prefix="dessam_bench_cache_") if cached else ""
-    overrides = {"MODEL.DESSAM.EMBEDDING_CACHE_DIR": cache_dir}
+    overrides = {"MODEL.DESSAM.EMBEDDING_CACHE_DIR": cache_dir, "MODEL.DESSAM.TRAIN_DTYPE": dtype}
     model = build_model(build_cfg(config_file, **overrides)).train()
     inp = synthetic_input(train_nuclei, model.image_size)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -42,6 +42,7 @@ def phase_table(r: dict, bf16: str) -> List[str]:
     bf16_rows = [
         ("encoder forward, int8", "encoder_int8"),
         ("encoder forward, bfloat16", "encoder_bf16"),
+        ("train step, cached, bfloat16 mixed precision", "train_step_cached_bf16"),
     ]
     for n in (100, 500):
         bf16_rows.append((f"inference, {n} nuclei, bfloat16 decoder", f"infer_{n}_bf16_decoder"))
@@ -65,6 +66,9 @@ def parts_lines(r: dict, unc: dict, cac: dict, inf: dict) -> List[str]:
                   "backward_detector_s"):  # fmt: skip
             if d.get(k) is not None:
                 parts.append(f"{name} {k[:-2]} {d[k]:.2f}")
+    for k, v in (r.get("train_step_cached_bf16_parts") or {}).items():
+        if v is not None:
+            parts.append(f"cached bfloat16 {k} {v:.2f}")
     prompts = f"teacher {cac['teacher_prompts']}, student {cac['student_prompts']}"
     lines = [f"Training step parts (s): {', '.join(parts)}; prompts: {prompts}"]
     for name in ("infer_10", "infer_100", "infer_500") + tuple(
@@ -179,6 +183,9 @@ def limit_lines(r: dict) -> List[str]:
         ("train step, cached, float32", r["train_step_cached_s"], macs["train_cached"]["total"],
          "train_step_cached"),
     ]  # fmt: skip
+    if "train_step_cached_bf16" in lims:
+        rows.append(("train step, cached, bfloat16", r["train_step_cached_bf16_s"],
+                     macs["train_cached"]["total"], "train_step_cached_bf16"))  # fmt: skip
     for n in (100, 500):
         rows.append((f"inference, {n} nuclei, float32", r[f"infer_{n}_s"],
                      macs[f"infer_{n}"]["total"], f"infer_{n}"))  # fmt: skip

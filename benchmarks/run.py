@@ -4,7 +4,8 @@
     python -m benchmarks.run --quick    # 1 timed run after the warm-up, ~4 min on 2 idle cores
 
 Phases (benchmarks/phases.py): encoder forward (float32, int8, and bfloat16); a training step
-(forward, backward, SGD step; 50 nuclei) without and with the embedding cache; inference per image
+(forward, backward, SGD step; 50 nuclei) without and with the embedding cache, and with it in
+bfloat16 mixed precision (MODEL.DESSAM.TRAIN_DTYPE; where bfloat16 is measured); inference per image
 (encoder + detector + decoder + postprocessing) with 10, 100 and 500 nuclei (score threshold 0,
 NMS off, DETECTIONS_PER_IMAGE = N, so the detector keeps exactly N boxes), with 100 and 500 again
 in bfloat16 end to end (MODEL.DESSAM.INFERENCE_DTYPE, the decoder following), with the encoder in
@@ -37,12 +38,14 @@ import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
-from benchmarks.measure import native_bf16, peak_rss_gb
+from benchmarks.measure import bf16_wanted, native_bf16, peak_rss_gb
 from benchmarks.report import format_report
 from dessam_d2.utils.malloc import MALLOC_TUNING_SWITCH, tune_malloc
 
-PHASES = ["encoder", "train_uncached", "train_cached", "infer", "decoder", "flops", "accuracy"]
+PHASES = ["encoder", "train_uncached", "train_cached", "train_cached_bf16", "infer", "decoder"]
+PHASES += ["flops", "accuracy"]
 PEERS_COMMAND = [sys.executable, "-m", "benchmarks.peers"]
 PEER_KEYS = [
     "sam_predictor_100_s",
@@ -99,6 +102,8 @@ def run_phase(args) -> dict:
     elif args.phase in ("train_uncached", "train_cached"):
         cached = args.phase == "train_cached"
         out = phases.phase_train(config, repeats, args.train_nuclei, cached)
+    elif args.phase == "train_cached_bf16":
+        out = phases.phase_train(config, repeats, args.train_nuclei, True, "bfloat16")
     elif args.phase == "infer":
         out = phases.phase_infer(config, repeats, args.infer_nuclei, args.bf16)
     elif args.phase == "flops":
@@ -190,8 +195,18 @@ def relative_changes(a: dict, b: dict) -> dict:
     return {k: abs(b[k] - a[k]) / max(abs(a[k]), 1e-12) for k in a if k in b}
 
 
-def summarize(args, enc: dict, unc: dict, cac: dict, inf: dict, dec: dict, peers: dict) -> dict:
-    """The run's figures from the phases' outputs: seconds, peak RSS and ratios to the encoder."""
+def summarize(
+    args,
+    enc: dict,
+    unc: dict,
+    cac: dict,
+    inf: dict,
+    dec: dict,
+    peers: dict,
+    cac_bf16: Optional[dict] = None,
+) -> dict:
+    """The run's figures from the phases' outputs: seconds, peak RSS and ratios to the encoder
+    (``cac_bf16``: the cached step in bfloat16 mixed precision, where measured)."""
     e = enc["encoder_s"]
     r = {
         "encoder_s": e,
@@ -216,6 +231,7 @@ def summarize(args, enc: dict, unc: dict, cac: dict, inf: dict, dec: dict, peers
         "peak_rss_infer_500_gb": inf["peak_rss_infer_500_gb"],
     }
     r["train_step_cached_ratio"] = r["train_step_cached_s"] / e
+    r.update(train_bf16_figures(cac, cac_bf16, e))
     r["train_step_uncached_ratio"] = r["train_step_uncached_s"] / e
     for n in (10, 100, 500):
         r[f"infer_{n}_ratio"] = r[f"infer_{n}_s"] / e
@@ -248,6 +264,24 @@ def summarize(args, enc: dict, unc: dict, cac: dict, inf: dict, dec: dict, peers
     return r
 
 
+def train_bf16_figures(cac: dict, bf16: Optional[dict], encoder_s: float) -> dict:
+    """The cached training step in bfloat16 mixed precision (MODEL.DESSAM.TRAIN_DTYPE): seconds,
+    its parts, peak RSS, speed-up over float32 and the first step's losses against float32's
+    (all None where not measured)."""
+    keys = ("train_step_cached_bf16_s", "train_step_cached_bf16_ratio", "train_bf16_speedup")
+    if not bf16:
+        return {k: None for k in keys + ("peak_rss_train_step_cached_bf16_gb",)}
+    parts = ("student_fwd_s", "backward_s", "backward_mask_s", "backward_detector_s")
+    return {
+        "train_step_cached_bf16_s": bf16["step_s"],
+        "train_step_cached_bf16_ratio": bf16["step_s"] / encoder_s,
+        "train_bf16_speedup": cac["step_s"] / bf16["step_s"],
+        "peak_rss_train_step_cached_bf16_gb": bf16["peak_rss_gb"],
+        "train_step_cached_bf16_parts": {k[:-2]: bf16.get(k) for k in parts},
+        "train_bf16_loss_rel_change": relative_changes(cac["first_losses"], bf16["first_losses"]),
+    }
+
+
 def accuracy_figures(acc: dict, native: bool) -> dict:
     """The accuracy phase's figures: ``mask_iou_vs_float32_median`` at the fast precision of
     this machine (bfloat16 where native, int8 elsewhere), from the demo's trained model where
@@ -273,7 +307,7 @@ def accuracy_figures(acc: dict, native: bool) -> dict:
 def limit_figures(r: dict, flops: dict) -> dict:
     """Each phase's limit (its multiply-adds over this machine's peak, ``benchmarks.flops``) and
     its time over that limit, in float32 and, where native, bfloat16; the ``limit_ratio_*`` keys
-    at the best native precision (training: float32, the only precision it runs in)."""
+    at the best native precision (bfloat16 where it was measured, else float32)."""
     peak32, peak16 = flops["peak_macs_float32"], flops.get("peak_macs_bfloat16")
     out = {
         "peak_gflops_float32": 2 * peak32 / 1e9,
@@ -293,8 +327,14 @@ def limit_figures(r: dict, flops: dict) -> dict:
         best = out.get(f"limit_ratio_infer_{n}_bfloat16") or out[f"limit_ratio_infer_{n}_float32"]
         out[f"limit_ratio_infer_{n}"] = best
     limits["encoder"] = flops["infer_100"]["encoder"] / peak32
-    limits["train_step_cached"] = flops["train_cached"]["total"] / peak32
-    out["limit_ratio_train_step_cached"] = r["train_step_cached_s"] / limits["train_step_cached"]
+    step = flops["train_cached"]["total"]
+    limits["train_step_cached"] = step / peak32
+    ratio = r["train_step_cached_s"] / limits["train_step_cached"]
+    out["limit_ratio_train_step_cached_float32"] = out["limit_ratio_train_step_cached"] = ratio
+    if peak16 and r.get("train_step_cached_bf16_s"):
+        limits["train_step_cached_bf16"] = step / peak16
+        ratio = r["train_step_cached_bf16_s"] / limits["train_step_cached_bf16"]
+        out["limit_ratio_train_step_cached_bfloat16"] = out["limit_ratio_train_step_cached"] = ratio
     out["limit_ratio_encoder_float32"] = r["encoder_s"] / limits["encoder"]
     out["limits_s"] = limits
     return out
@@ -311,6 +351,7 @@ def main(argv=None) -> int:
     enc = child(args, "encoder")
     unc = child(args, "train_uncached")
     cac = child(args, "train_cached")
+    cac_bf16 = child(args, "train_cached_bf16") if bf16_wanted(args.bf16) else None
     if args.quick:
         inf = child(args, "infer", ["--infer-nuclei", "10", "100", "500"])
     else:
@@ -320,7 +361,7 @@ def main(argv=None) -> int:
     flops = child(args, "flops")
     acc = child(args, "accuracy")
     peers = run_peers(args) if args.peers_venv else {}
-    r = summarize(args, enc, unc, cac, inf, dec, peers)
+    r = summarize(args, enc, unc, cac, inf, dec, peers, cac_bf16)
     r.update(limit_figures(r, flops))
     r.update(accuracy_figures(acc, r["native_bf16"]))
     r["wall_s"] = time.perf_counter() - t0

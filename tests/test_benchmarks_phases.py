@@ -40,6 +40,14 @@ def test_cached_train_phase_hits_the_cache(one_thread):
     assert split == pytest.approx(out["backward_s"])
 
 
+def test_cached_train_phase_in_bfloat16_mixed_precision(one_thread):
+    out = phases.phase_train(DEMO, repeats=1, train_nuclei=3, cached=True, dtype="bfloat16")
+    ref = phases.phase_train(DEMO, repeats=1, train_nuclei=3, cached=True)
+    assert out["step_s"] > 0 and out["student_prompts"] > 0
+    assert out["first_losses"].keys() == ref["first_losses"].keys()
+    assert out["first_losses"] != ref["first_losses"]  # it did compute in bfloat16
+
+
 def test_accuracy_phase_on_the_tiny_sam(one_thread, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no make demo output here: the demo's part says it is skipped
     out = phases.phase_accuracy(DEMO, bf16="never")

@@ -193,6 +193,34 @@ def test_each_phase_is_set_against_its_limit_at_the_best_native_precision():
     assert "| inference, 100 nuclei, bfloat16 | 4.00 | 6.0 | 3.00 | 1.33 |" in text
 
 
+def test_the_bfloat16_training_step_is_set_against_the_bfloat16_limit():
+    a = run.parse_args(["--bf16", "always", "--threads", "2", "--repeats", "1"])
+    enc, unc, cac, inf, dec = phase_outputs()
+    r = run.summarize(a, enc, unc, cac, inf, dec, peers={})
+    assert r["train_step_cached_bf16_s"] is None and r["train_bf16_speedup"] is None
+    lim = run.limit_figures(r, flops_output(peak16=2e9))
+    assert lim["limit_ratio_train_step_cached"] == lim["limit_ratio_train_step_cached_float32"]
+    assert "limit_ratio_train_step_cached_bfloat16" not in lim
+    bf16 = {**cac, "step_s": 4.0, "peak_rss_gb": 2.0, "backward_s": 2.0}
+    bf16["first_losses"] = {"loss_cls": 1.002, "loss_distill": 0.5}
+    r = run.summarize(a, enc, unc, cac, inf, dec, {}, bf16)
+    assert r["train_step_cached_bf16_ratio"] == 1.0 and r["train_bf16_speedup"] == 1.5
+    assert r["train_step_cached_bf16_parts"]["backward"] == 2.0
+    assert r["train_bf16_loss_rel_change"]["loss_cls"] == pytest.approx(1e-3, rel=1e-3)
+    lim = run.limit_figures(r, flops_output(peak16=2e9))
+    # 4 s against 3e9 MACs at 2e9/s: 1.5 s of limit; float32 keeps its own 6 s against 3 s
+    assert lim["limit_ratio_train_step_cached"] == pytest.approx(4 / 1.5)
+    assert lim["limit_ratio_train_step_cached_bfloat16"] == pytest.approx(4 / 1.5)
+    assert lim["limit_ratio_train_step_cached_float32"] == 2.0
+    r.update(lim, wall_s=1.0)
+    phases = dict(zip(("train_uncached", "train_cached", "infer", "decoder"), phase_outputs()[1:]))
+    text = report.format_report(r, phases, 2, 1, "always", reference_nuclei=16)
+    assert "| train step, cached, bfloat16 | 4.00 | 3.0 | 1.50 | 2.67 |" in text
+    assert "| train step, cached, bfloat16 mixed precision | 4.00 | 1.00 | |" in text
+    assert "cached bfloat16 backward 2.00" in text
+    json.dumps(r)
+
+
 def accuracy_output(demo=True):
     """What phase_accuracy returns (figures invented)."""
     acc = {"dtypes": ["bfloat16", "int8"]}
