@@ -125,8 +125,8 @@ def add_dessam_config(cfg: CN) -> None:
     # with native bfloat16 (AVX512-BF16, AMX, Arm BF16) or on CUDA, float32 elsewhere (emulated
     # bfloat16 is ~10x slower); "float32"; "bfloat16"; "int8" (opt-in, CPU only: the encoder's
     # linear layers dynamically quantised, the rest float32; for CPUs without native bfloat16).
-    # SAM's mask decoder follows DECODER_INFERENCE_DTYPE. Training is float32; outputs are
-    # float32 either way.
+    # SAM's mask decoder follows DECODER_INFERENCE_DTYPE. Training follows TRAIN_DTYPE; outputs
+    # are float32 either way.
     _C.MODEL.DESSAM.INFERENCE_DTYPE = "auto"
     # Training precision: "float32" (paper); "bfloat16" (mixed precision: the forward pass in
     # bfloat16 autocast, the weights, gradients and mask losses float32; ~1.6x faster steps on a
