@@ -82,3 +82,21 @@ def test_mask_logits_to_original_gives_segment_anythings_postprocess_masks(
     expected = Sam.postprocess_masks(sam, logits, input_size, original_size)
     ours = mask_logits_to_original(logits, 256, input_size, original_size)
     assert ours.shape == (5, 1, *original_size) and torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("n", [0, 1, 16, 33])
+def test_masks_across_chunks_equal_the_whole_batch_thresholded_at_once(n):
+    """detections_to_original writes the bool masks 16 at a time into one tensor: the same as
+    upsampling every logit map at once, at every chunk boundary, and empty for no detection."""
+    from dessam_d2.modeling.postprocess import detections_to_original, mask_logits_to_original
+
+    torch.manual_seed(0)
+    r = Instances((256, 200))
+    r.pred_boxes = Boxes(torch.tensor([[10.0, 10.0, 50.0, 60.0]]).repeat(n, 1))
+    r.scores = torch.rand(n)
+    r.pred_classes = torch.zeros(n, dtype=torch.int64)
+    r.pred_mask_logits = torch.randn(n, 1, 64, 64).to(torch.bfloat16)
+    out = detections_to_original(r, (256, 200), (300, 234), 256, 0.5)
+    whole = mask_logits_to_original(r.pred_mask_logits.float(), 256, (256, 200), (300, 234))
+    assert out.pred_masks.dtype == torch.bool and out.pred_masks.shape == (n, 300, 234)
+    assert torch.equal(out.pred_masks, whole[:, 0] > 0.5)

@@ -49,10 +49,12 @@ def detections_to_original(
     out.pred_classes = results.pred_classes
     if not results.has("pred_mask_logits"):  # boxes only (MASK_ON off, e.g. fitting a threshold)
         return out
-    logits = results.pred_mask_logits.float()
-    masks = []
-    for chunk in logits.split(16):  # bounded memory with hundreds of nuclei
-        up = mask_logits_to_original(chunk, padded_size, (h, w), (height, width))
-        masks.append(up[:, 0] > mask_logit_threshold)
-    out.pred_masks = torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool)
+    logits = results.pred_mask_logits
+    # Written in place, 16 at a time: with hundreds of nuclei neither the upsampled logits nor a
+    # second copy of the masks (a concatenation) is ever whole in memory.
+    masks = torch.empty(len(logits), height, width, dtype=torch.bool, device=logits.device)
+    for start, chunk in zip(range(0, len(logits), 16), logits.split(16)):
+        up = mask_logits_to_original(chunk.float(), padded_size, (h, w), (height, width))
+        torch.gt(up[:, 0], mask_logit_threshold, out=masks[start : start + len(chunk)])
+    out.pred_masks = masks
     return out
