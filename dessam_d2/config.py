@@ -129,7 +129,7 @@ def add_dessam_config(cfg: CN) -> None:
     # are float32 either way.
     _C.MODEL.DESSAM.INFERENCE_DTYPE = "auto"
     # Training precision: "float32" (paper); "bfloat16" (mixed precision: the forward pass in
-    # bfloat16 autocast, the weights, gradients and mask losses float32; ~1.6x faster steps on a
+    # bfloat16 autocast, the weights, gradients and mask losses float32; 1.4-1.5x faster steps on a
     # CPU with native bfloat16, docs/PERFORMANCE.md); "auto" = bfloat16 where native.
     _C.MODEL.DESSAM.TRAIN_DTYPE = "float32"
 

@@ -342,13 +342,14 @@ class SAMPromptMaskHead(nn.Module):
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return {k: zero for k in self.criterion.loss_names}
         # The loss terms in float32 also under MODEL.DESSAM.TRAIN_DTYPE bfloat16 (the decoders'
-        # logits are float32 already): L_edge's colour sums would lose digits in bfloat16.
+        # logits, the raw images and the boxes are float32): L_edge's colour sums would lose
+        # digits in bfloat16.
         with torch.autocast(images.device.type, enabled=False):
             return self.criterion(
                 torch.cat(student_logits),  # R x 1 x m x m
                 torch.cat(teacher_logits) if teacher_logits else None,
-                images.float(),
-                torch.cat(gt_boxes).float(),
+                images,
+                torch.cat(gt_boxes),
                 torch.cat(image_ids),
             )
 
